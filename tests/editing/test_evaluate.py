@@ -1,0 +1,401 @@
+"""Evaluation metrics, benchmark data loading, and the edit-quality benchmark CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import compare
+from bench import editing as bench_editing
+from workers.editing import arch
+from workers.editing.datasets import load_records
+from workers.editing.delta import MatrixDelta
+from workers.editing.editor import Editor
+from workers.editing.evaluate import (
+    edit_metrics,
+    edit_scores,
+    fixed_text,
+    fluency,
+    fluency_prompts,
+    greedy_generations,
+    ngram_entropy,
+    perplexity,
+    shared_prefix_logprobs,
+    words,
+)
+from workers.editing.factory import build_editor
+from workers.editing.requests import EditRequest
+from workers.editing.result import EditResult
+from workers.editing.scoring import greedy_continuation, target_logprobs
+
+_REPO = Path(__file__).resolve().parents[2]
+SHARED = next(
+    (p for p in (_REPO.parent / "shared" / "data", _REPO / "shared" / "data") if p.is_dir()),
+    _REPO.parent / "shared" / "data",
+)
+COUNTERFACT = SHARED / "counterfact" / "train.json"
+ZSRE = SHARED / "zsre" / "train-1k.json"
+needs_data = pytest.mark.skipif(
+    not (COUNTERFACT.is_file() and ZSRE.is_file()), reason="shared benchmark data not present"
+)
+
+
+# ---------------------------------------------------------------- n-gram entropy
+
+
+def _entropy(probs: Sequence[float]) -> float:
+    return -sum(p * math.log2(p) for p in probs)
+
+
+def test_ngram_entropy_exact_value() -> None:
+    # bigrams (a,b) (b,a) (a,b): H2 = H(2/3, 1/3); trigrams (a,b,a) (b,a,b): H3 = 1 bit.
+    # ROME averages the weighted terms: (2/3*H2 + 4/3*H3) / 2
+    expected = (2 / 3 * _entropy([2 / 3, 1 / 3]) + 4 / 3 * 1.0) / 2
+    assert ngram_entropy("a b a b") == pytest.approx(expected, abs=1e-12)
+    assert ngram_entropy("a b a b") == pytest.approx(0.97276, abs=1e-5)
+
+
+def test_ngram_entropy_all_distinct() -> None:
+    # 5 tokens: 4 distinct bigrams (2 bits), 3 distinct trigrams (log2 3 bits)
+    assert ngram_entropy("one two three four five") == pytest.approx(
+        (2 / 3 * 2.0 + 4 / 3 * math.log2(3)) / 2
+    )
+
+
+def test_ngram_entropy_repetition_is_lower() -> None:
+    repeated = "the cat sat on the mat . " * 12
+    varied = fixed_text().split("\n")[0]
+    assert len(words(varied)) >= len(words(repeated)) * 0.8
+    assert ngram_entropy(repeated) < ngram_entropy(varied) - 1.0
+    assert ngram_entropy("same " * 40) == 0.0
+
+
+def test_ngram_entropy_short_text_is_zero() -> None:
+    assert ngram_entropy("") == 0.0
+    assert ngram_entropy("word") == 0.0
+
+
+def test_words_split_punctuation() -> None:
+    assert words("Rome, Italy; it's big.") == ["Rome", ",", "Italy", ";", "it's", "big", "."]
+
+
+# ---------------------------------------------------------------- data loading
+
+
+@needs_data
+def test_load_counterfact_fields_offset_and_n() -> None:
+    raw = json.loads(COUNTERFACT.read_text())
+    recs = load_records(COUNTERFACT, "counterfact", offset=5, n=3)
+    assert len(recs) == 3
+    assert not recs.skipped
+    for rec, src in zip(recs, raw[5:8], strict=True):
+        assert rec.case_id == str(src["case_id"])
+        assert rec.request.prompt == src["prompt"]
+        assert rec.request.subject == src["subject"]
+        assert rec.request.target_new == src["target_new"]
+        assert rec.request.ground_truth == rec.ground_truth == src["ground_truth"]
+        assert rec.rephrase_prompt == src["rephrase_prompt"]
+        assert rec.locality_prompt == src["locality_prompt"]
+        assert rec.locality_ground_truth == src["locality_ground_truth"]
+        # held-out probes must not reach the editor as training observations
+        assert rec.request.rephrase_prompts == ()
+        assert rec.request.locality_prompts == ()
+
+
+@needs_data
+def test_load_counterfact_window_past_end() -> None:
+    assert len(load_records(COUNTERFACT, "counterfact", offset=9_998, n=10)) == 2
+
+
+@needs_data
+def test_load_zsre_field_mapping() -> None:
+    raw = json.loads(ZSRE.read_text())
+    recs = load_records(ZSRE, "zsre", n=3)
+    for rec, src in zip(recs, raw[:3], strict=True):
+        assert rec.request.prompt == src["src"]
+        assert rec.request.subject in rec.request.prompt
+        assert rec.request.target_new == src["alt"]
+        assert rec.ground_truth == src["answers"][0]
+        assert rec.rephrase_prompt == src["rephrase"]
+        assert rec.locality_prompt == src["loc"]
+        assert rec.locality_ground_truth == src["loc_ans"]
+    everything = load_records(ZSRE, "zsre")
+    assert len(everything) + sum(everything.skipped.values()) == len(raw)
+    assert len(everything) > 950
+
+
+def test_load_skips_and_counts(tmp_path: Path) -> None:
+    rows = [
+        {"subject": "Paris", "src": "Where is Paris?", "alt": "Spain", "answers": ["France"],
+         "rephrase": "Paris is in which country?", "loc": "nq question: x", "loc_ans": "y"},
+        {"subject": "Berlin", "src": "Where is the capital?", "alt": "Spain", "answers": ["DE"],
+         "rephrase": "r", "loc": "l", "loc_ans": "a"},
+        {"subject": "Rome", "src": "Where is Rome?", "alt": "Italy", "answers": ["Italy"],
+         "rephrase": "r", "loc": "l", "loc_ans": "a"},
+        {"subject": "Oslo", "src": "Where is Oslo?", "alt": "", "answers": ["Norway"],
+         "rephrase": "r", "loc": "l", "loc_ans": "a"},
+    ]  # fmt: skip
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps(rows))
+    recs = load_records(path, "zsre")
+    assert [r.request.subject for r in recs] == ["Paris"]
+    assert recs[0].case_id == "0"
+    assert recs.skipped == {
+        "subject_not_in_prompt": 1,
+        "target_equals_truth": 1,
+        "missing_or_empty_field": 1,
+    }
+    assert [r.request.subject for r in load_records(path, "zsre", offset=1)] == []
+
+
+def test_load_rejects_unknown_dataset(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="dataset"):
+        load_records(path, "wikidata")
+
+
+def test_factory_rejects_unknown_method() -> None:
+    with pytest.raises(ValueError, match="method"):
+        build_editor("rome", None, None)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- metrics on the real model
+
+
+@pytest.mark.slow
+def test_shared_prefix_logprobs_equal_target_logprobs(loaded_model) -> None:
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    prompts = ["The Eiffel Tower is located in"] * 4 + ["Toko Yasuda plays the", "The capital of"]
+    targets = [" Paris", " Rome", " the city of Paris", " the city of Rome", " piano", ""]
+    fast = shared_prefix_logprobs(model, tok, prompts, targets, batch_size=2)
+    ref = target_logprobs(model, tok, prompts, targets)
+    assert fast == pytest.approx(ref, abs=1e-4)
+    assert fast[-1] == 0.0
+
+
+@needs_data
+@pytest.mark.slow
+def test_edit_metrics_unedited_model(loaded_model) -> None:
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    recs = load_records(COUNTERFACT, "counterfact", n=10)
+    metrics = edit_metrics(model, tok, recs)
+    assert metrics["n"] == 10
+    for name in ("efficacy", "generalization", "specificity"):
+        assert 0.0 <= metrics[name] <= 1.0
+        assert (metrics[name] * 10) == pytest.approx(round(metrics[name] * 10))
+
+    # the same comparisons from the reference scorer, in one call
+    prompts: list[str] = []
+    targets: list[str] = []
+    for r in recs:
+        for prompt, target in [
+            (r.prompt, r.target_new),
+            (r.prompt, r.ground_truth),
+            (r.rephrase_prompt, r.target_new),
+            (r.rephrase_prompt, r.ground_truth),
+            (r.locality_prompt, r.locality_ground_truth),
+            (r.locality_prompt, r.target_new),
+        ]:
+            prompts.append(prompt)
+            targets.append(" " + target)
+    lp = target_logprobs(model, tok, prompts, targets)
+    eff = [lp[6 * k] > lp[6 * k + 1] for k in range(10)]
+    gen = [lp[6 * k + 2] > lp[6 * k + 3] for k in range(10)]
+    spec = [lp[6 * k + 4] > lp[6 * k + 5] for k in range(10)]
+    assert metrics["efficacy"] == pytest.approx(sum(eff) / 10)
+    assert metrics["generalization"] == pytest.approx(sum(gen) / 10)
+    assert metrics["specificity"] == pytest.approx(sum(spec) / 10)
+    scores = edit_scores(model, tok, recs)
+    assert [s.efficacy for s in scores] == eff
+    # an unedited model prefers the true locality answer most of the time
+    assert metrics["specificity"] >= 0.5
+
+
+@pytest.mark.slow
+def test_perplexity_fixed_text_beats_shuffled(loaded_model) -> None:
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    assert 1_500 <= len(fixed_text().split()) <= 3_000
+    text = " ".join(fixed_text().split()[:150])
+    shuffled = text.split()
+    random.Random(0).shuffle(shuffled)
+    ppl = perplexity(model, tok, text, window=128)
+    assert math.isfinite(ppl) and 1.0 < ppl < 100.0
+    assert perplexity(model, tok, " ".join(shuffled), window=128) > 3 * ppl
+    # max_tokens cuts the text: the same prefix gives the same figure
+    prefix = perplexity(model, tok, text, window=128, max_tokens=60)
+    assert prefix == pytest.approx(perplexity(model, tok, tok.decode(tok(text)["input_ids"][:60])))
+
+
+@pytest.mark.slow
+def test_batched_greedy_generation_matches_unbatched(loaded_model) -> None:
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    prompts = ["The capital of France is", "In the morning, the old market square was"]
+    texts = greedy_generations(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    for prompt, text in zip(prompts, texts, strict=True):
+        assert text == prompt + greedy_continuation(model, tok, prompt, max_new_tokens=6)
+    value = fluency(model, tok, prompts[:1], max_new_tokens=6)
+    assert 0.0 < value < 10.0
+    assert 20 <= len(fluency_prompts()) <= 30
+
+
+# ---------------------------------------------------------------- the benchmark CLI
+
+
+class RankOneEditor(Editor):
+    """A real rank-1 edit of one late down_proj: maps the prompt's MLP key onto the direction
+    that raises the new target's first token over the old one's."""
+
+    method = "rank1-test"
+
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        req = requests[0]
+        layer = arch.num_layers(self.model) - 2
+        module = arch.down_proj(self.model, layer)
+        keys: list[torch.Tensor] = []
+        hook = module.register_forward_hook(lambda m, i, o: keys.append(i[0][0, -1].detach()))
+        try:
+            ids = self.tokenizer(req.text, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                self.model(**ids.to(self.device))
+        finally:
+            hook.remove()
+        key = keys[0].float()
+
+        def first(text: str) -> int:
+            return self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][0]
+
+        unembed = self.model.get_output_embeddings().weight.float()
+        direction = unembed[first(req.target_new)] - unembed[first(req.ground_truth or "the")]
+        a = (direction / direction.norm() * 40.0)[:, None]
+        b = (key / key.dot(key))[None, :]
+        delta = MatrixDelta(name=arch.down_proj_name(self.model, layer), a=a.cpu(), b=b.cpu())
+        return EditResult(method=self.method, deltas=[delta], success=True, steps=1)
+
+
+@needs_data
+@pytest.mark.slow
+def test_bench_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        bench_editing, "build_editor", lambda m, model, tok: RankOneEditor(model, tok)
+    )
+    out = tmp_path / "run"
+    argv = ["--method", "ft", "--data", str(COUNTERFACT), "--n", "4", "--offset", "10",
+            "--checkpoint-every", "2", "--out", str(out), "--fluency-tokens", "8",
+            "--checkpoint-prompts", "2", "--fluency-prompts", "3",
+            "--ppl-tokens", "200"]  # fmt: skip
+    assert bench_editing.main(argv) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True
+    assert (
+        summary["n_edits"] == 4 and summary["offset"] == 10 and summary["dataset"] == "counterfact"
+    )
+    for key in ("efficacy", "generalization", "specificity", "fluency", "perplexity"):
+        assert key in summary["metrics"] and key in summary["unedited"]
+        assert summary["ratios"][key] == pytest.approx(
+            summary["metrics"][key] / summary["unedited"][key]
+        )
+    assert [c["n_edits"] for c in summary["checkpoints"]] == [2, 4]
+    assert summary["edit_success_rate"] == 1.0
+    assert set(summary["seconds_per_edit"]) == {"median", "p90", "mean"}
+    # the edits are real: the new targets now win where the unedited model preferred the truth
+    assert summary["metrics"]["efficacy"] > summary["unedited"]["efficacy"]
+    assert summary["metrics"]["perplexity"] != summary["unedited"]["perplexity"]
+
+    lines = [json.loads(x) for x in (out / "per_edit.jsonl").read_text().splitlines()]
+    raw = json.loads(COUNTERFACT.read_text())[10:14]
+    assert [r["case_id"] for r in lines] == [str(r["case_id"]) for r in raw]
+    assert all(r["method"] == "rank1-test" and r["ranks"] for r in lines)
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the comparison table reads the run back
+    table_path = tmp_path / "cmp.md"
+    assert compare.main([str(out / "summary.json"), "--out", str(table_path)]) == 0
+    table = table_path.read_text()
+    assert "| unedited |" in table and "| ft |" in table
+    assert (tmp_path / "cmp.png").is_file()
+
+
+def _fake_summary(method: str, eff: float) -> dict:
+    metrics = {"efficacy": eff, "generalization": 0.5, "specificity": 0.8, "fluency": 5.0,
+               "perplexity": 20.0}  # fmt: skip
+    return {"method": method, "model": "m", "dataset": "counterfact", "offset": 0, "n_edits": 10,
+            "metrics": metrics, "unedited": {**metrics, "efficacy": 0.3},
+            "seconds_per_edit": {"median": 1.5, "p90": 2.0, "mean": 1.6}}  # fmt: skip
+
+
+def test_compare_table(tmp_path: Path) -> None:
+    paths = []
+    for method, eff in (("loki", 1.0), ("memit", 0.7)):
+        (tmp_path / method).mkdir()
+        paths.append(tmp_path / method / "summary.json")
+        paths[-1].write_text(json.dumps(_fake_summary(method, eff)))
+    table = compare.markdown(compare.load_summaries(paths))
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | efficacy | generalization | specificity | mean")
+    assert "| unedited | 0.300 | 0.500 | 0.800 | 0.533 | 5.000 | 20.00 | - |" in lines
+    assert "| loki | 1.000 | 0.500 | 0.800 | 0.767 | 5.000 | 20.00 | 1.50 |" in lines
+
+
+class FailingEditor(RankOneEditor):
+    """Computes a real change, then fails while applying it: Editor.apply must roll it back."""
+
+    method = "failing-test"
+
+    def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
+        raise RuntimeError("bookkeeping failed")
+
+
+@needs_data
+@pytest.mark.slow
+def test_bench_cli_counts_failed_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        bench_editing, "build_editor", lambda m, model, tok: FailingEditor(model, tok)
+    )
+    out = tmp_path / "run"
+    argv = ["--method", "loki", "--data", str(COUNTERFACT), "--n", "2", "--checkpoint-every", "0",
+            "--out", str(out), "--fluency-tokens", "4", "--fluency-prompts", "2",
+            "--checkpoint-prompts", "1", "--ppl-tokens", "40"]  # fmt: skip
+    assert bench_editing.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_failed"] == 2 and summary["edit_success_rate"] == 0.0
+    assert summary["seconds_per_edit"]["median"] is None
+    # rolled-back edits leave the model as it was (to fp32 rounding: W + d - d is not always W)
+    for key in ("efficacy", "generalization", "specificity", "fluency", "perplexity"):
+        assert summary["metrics"][key] == pytest.approx(summary["unedited"][key], rel=1e-5)
+    rows = [json.loads(x) for x in (out / "per_edit.jsonl").read_text().splitlines()]
+    assert all("bookkeeping failed" in r["error"] for r in rows)
+
+
+def _has_ft() -> bool:
+    try:
+        from workers.editing.baselines import FTEditor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_ft(), reason="FTEditor not written yet")
+def test_bench_cli_with_real_ft_editor(tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    argv = ["--method", "ft", "--data", str(COUNTERFACT), "--n", "2", "--offset", "20",
+            "--checkpoint-every", "0", "--out", str(out), "--fluency-tokens", "4",
+            "--fluency-prompts", "2", "--checkpoint-prompts", "1",
+            "--ppl-tokens", "40"]  # fmt: skip
+    assert bench_editing.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["n_edits"] == 2 and summary["n_failed"] == 0
+    rows = [json.loads(x) for x in (out / "per_edit.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["ft", "ft"]
+    # FT-L is trained on exactly the edit prompt: it must win there
+    assert summary["metrics"]["efficacy"] >= summary["unedited"]["efficacy"]
+    assert summary["metrics"]["efficacy"] >= 0.5

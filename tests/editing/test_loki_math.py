@@ -1,0 +1,146 @@
+"""Pure-math parts of LOKI: HSIC, projectors, low-rank deltas, request and config validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.editing.delta import MatrixDelta
+from workers.editing.hsic import bottleneck_scores, nhsic
+from workers.editing.loki import LokiConfig
+from workers.editing.nullspace import Projector, orthonormal_extend, weight_input_basis
+from workers.editing.requests import EditRequest
+
+
+def test_nhsic_separates_dependent_from_independent() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 8, generator=gen)
+    dependent = torch.tanh(x @ torch.randn(8, 6, generator=gen))
+    independent = torch.randn(120, 6, generator=gen)
+    dep, ind = nhsic(x, dependent), nhsic(x, independent)
+    assert dep > 3 * ind
+    assert ind >= 0
+
+
+def test_nhsic_is_symmetric_and_needs_matching_samples() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(40, 5, generator=gen), torch.randn(40, 3, generator=gen)
+    assert nhsic(a, b) == pytest.approx(nhsic(b, a), rel=1e-6)
+    with pytest.raises(ValueError, match="sample counts"):
+        nhsic(a, b[:30])
+
+
+def test_bottleneck_prefers_output_relevant_compressed_layer() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(100, 10, generator=gen)
+    y = torch.sin(x[:, :2].sum(dim=1, keepdim=True)) + 0.01 * torch.randn(100, 1, generator=gen)
+    sufficient = x[:, :2].sum(dim=1, keepdim=True)  # exactly what y needs, nothing more
+    relevant = x[:, :2]
+    copy = x.clone()  # keeps everything of the input
+    noise = torch.randn(100, 10, generator=gen)
+    scores = bottleneck_scores(x, {0: sufficient, 1: relevant, 2: copy, 3: noise}, y)
+    assert max(scores, key=scores.__getitem__) == 0
+    assert scores[1] > scores[2]
+
+
+def test_projector_is_idempotent_and_annihilates_protected_keys() -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 48, generator=gen)
+    keys = torch.randn(5, 48, generator=gen)
+    q = orthonormal_extend(weight_input_basis(weight, 0.0), keys, 1e-6)
+    assert q.shape == (48, 21)
+    assert torch.allclose(q.T @ q, torch.eye(21), atol=1e-5)
+    proj = Projector(q)
+    p = proj.matrix()
+    assert torch.allclose(p @ p, p, atol=1e-5)
+    assert proj.apply(keys).abs().max() < 1e-4
+    assert proj.apply(weight).abs().max() < 1e-4
+    free = torch.randn(3, 48, generator=gen)
+    assert 0.2 < proj.ratio(free) < 1.0
+
+
+def test_orthonormal_extend_skips_directions_already_protected() -> None:
+    gen = torch.Generator().manual_seed(4)
+    keys = torch.randn(3, 32, generator=gen)
+    basis = orthonormal_extend(None, keys, 1e-6)
+    again = orthonormal_extend(basis, keys * 2.0, 1e-6)
+    assert again.shape[1] == basis.shape[1] == 3
+
+
+def test_low_rank_factors_reproduce_the_dense_change() -> None:
+    gen = torch.Generator().manual_seed(5)
+    dense = torch.randn(20, 4, generator=gen) @ torch.randn(4, 30, generator=gen)
+    delta = MatrixDelta.from_dense("w", dense)
+    assert delta.rank == 4
+    assert torch.allclose(delta.to_dense(), dense, atol=1e-4)
+    assert delta.norm() == pytest.approx(float(dense.norm()), rel=1e-4)
+    restored = MatrixDelta.from_tensors(delta.tensors())[0]
+    assert torch.allclose(restored.to_dense(), dense, atol=1e-4)
+    weight = torch.zeros(20, 30)
+    delta.apply_to(weight)
+    delta.apply_to(weight, sign=-1.0)
+    assert weight.abs().max() < 1e-4
+
+
+def test_full_rank_change_stays_dense() -> None:
+    dense = torch.randn(6, 6, generator=torch.Generator().manual_seed(6))
+    assert MatrixDelta.from_dense("w", dense).dense is not None
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (LokiConfig(candidate_layers=(3, 40)), "candidate_layers"),
+        (LokiConfig(candidate_layers=(-1,)), "candidate_layers"),
+        (LokiConfig(candidate_layers=()), "candidate_layers"),
+        (LokiConfig(candidate_layers=(2, 3), top_k=3), "top_k"),
+        (LokiConfig(lr=0.0), "lr"),
+    ],
+)
+def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        config.resolve_layers(30)
+
+
+def test_default_layers_lie_in_the_early_middle() -> None:
+    layers = LokiConfig().resolve_layers(30)
+    assert layers[0] >= 1 and layers[-1] < 15
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (
+            {"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": ""},
+            "target_new",
+        ),
+        (
+            {"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "  "},
+            "target_new",
+        ),
+        ({"prompt": "The tower is in", "subject": "Eiffel Tower", "target_new": "Rome"}, "prompt"),
+        ({"prompt": "{} is in", "subject": "", "target_new": "Rome"}, "subject"),
+        ({"prompt": "{} is in", "subject": "Eiffel Tower"}, "target_new"),
+        ({"prompt": "{} is in", "subject": "X", "target_new": "Rome", "colour": "red"}, "colour"),
+        ({"prompt": 5, "subject": "X", "target_new": "Rome"}, "prompt"),
+        (
+            {"prompt": "{} is in", "subject": "X", "target_new": "Rome", "ground_truth": "Rome"},
+            "target_new",
+        ),
+    ],
+)
+def test_bad_requests_name_the_field(data: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        EditRequest.from_dict(data)
+
+
+def test_request_placeholder_and_literal_forms_agree() -> None:
+    a = EditRequest.from_dict(
+        {"prompt": "{} is located in", "subject": "Rome", "target_new": "Italy"}
+    )
+    b = EditRequest.from_dict(
+        {"prompt": "Rome is located in", "subject": "Rome", "target_new": "Italy"}
+    )
+    assert a.text == b.text == "Rome is located in"
+    assert a.template == b.template == "{} is located in"
+    assert a.target == " Italy"

@@ -1,0 +1,1 @@
+"""lokid workers: the edit queue consumer and the editing core (``workers.editing``)."""

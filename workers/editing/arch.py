@@ -1,0 +1,76 @@
+"""Where the editable matrices live in common decoder architectures.
+
+LOKI and the baselines edit the MLP output projection ("down projection"): its input is the MLP
+key the DESIGN talks about, its weight is ``d_model x d_ff`` like an ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import PreTrainedModel
+
+# (path to the list of decoder blocks, path inside a block to the MLP output projection)
+_LAYOUTS = (
+    ("model.layers", "mlp.down_proj"),  # llama, mistral, qwen, gemma, smollm
+    ("gpt_neox.layers", "mlp.dense_4h_to_h"),  # pythia
+    ("model.decoder.layers", "fc2"),  # opt
+    ("transformer.h", "mlp.fc_out"),  # gpt-j
+)
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    node: object = root
+    for part in path.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node if isinstance(node, nn.Module) else None
+
+
+def _layout(model: PreTrainedModel) -> tuple[str, str]:
+    for blocks_path, proj_path in _LAYOUTS:
+        blocks = _get(model, blocks_path)
+        if isinstance(blocks, nn.ModuleList) and isinstance(_get(blocks[0], proj_path), nn.Linear):
+            return blocks_path, proj_path
+    raise ValueError(
+        f"model: unsupported architecture {type(model).__name__}; "
+        "expected decoder blocks with an nn.Linear MLP output projection"
+    )
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    blocks_path, _ = _layout(model)
+    blocks = _get(model, blocks_path)
+    assert isinstance(blocks, nn.ModuleList)
+    return len(blocks)
+
+
+def down_proj(model: PreTrainedModel, layer: int) -> nn.Linear:
+    blocks_path, proj_path = _layout(model)
+    blocks = _get(model, blocks_path)
+    assert isinstance(blocks, nn.ModuleList)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layers: index {layer} outside 0..{len(blocks) - 1}")
+    module = _get(blocks[layer], proj_path)
+    assert isinstance(module, nn.Linear)
+    return module
+
+
+def down_proj_name(model: PreTrainedModel, layer: int) -> str:
+    """The state-dict name of the layer's down-projection weight."""
+    blocks_path, proj_path = _layout(model)
+    return f"{blocks_path}.{layer}.{proj_path}.weight"
+
+
+def input_embeddings(model: PreTrainedModel) -> nn.Module:
+    return model.get_input_embeddings()
+
+
+def block(model: PreTrainedModel, layer: int) -> nn.Module:
+    """The whole decoder block: its output is the residual stream MEMIT-style editors target."""
+    blocks_path, _ = _layout(model)
+    blocks = _get(model, blocks_path)
+    assert isinstance(blocks, nn.ModuleList)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layers: index {layer} outside 0..{len(blocks) - 1}")
+    return blocks[layer]

@@ -1,0 +1,48 @@
+"""Spreading the residual change over several layers (MEMIT's layer loop, also AlphaEdit's).
+
+Layer by layer, lowest first: read the keys and the residual at the last layer on the model with
+the updates so far, give this layer an equal share of what is still missing, and solve for a
+matrix change that maps the keys to that share. Methods differ only in the solve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from workers.editing.arch import down_proj_name
+from workers.editing.baselines.hooks import applied
+from workers.editing.baselines.keys import read_at_subject
+from workers.editing.delta import MatrixDelta
+from workers.editing.requests import EditRequest
+
+# (layer, keys (d_ff, n), residual share (d_model, n)) -> (a (d_model, n), b (n, d_ff))
+Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def spread_over_layers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layers: Sequence[int],
+    z: torch.Tensor,
+    solve: Solve,
+) -> dict[int, MatrixDelta]:
+    """``z`` (n, d_model): the wanted block output of ``layers[-1]`` (v*, one row per request)."""
+    z_layer = layers[-1]
+    deltas: dict[int, MatrixDelta] = {}
+    for i, layer in enumerate(layers):
+        with applied(model, deltas):
+            # MEMIT reads the residual on the bare prompt and the keys over all contexts
+            readout = read_at_subject(model, tokenizer, requests, contexts, [layer], z_layer)
+        assert readout.residual is not None
+        keys = readout.keys[layer].double().T
+        share = (z.to(readout.residual) - readout.residual).double().T / (len(layers) - i)
+        a, b = solve(layer, keys, share)
+        deltas[layer] = MatrixDelta(
+            name=down_proj_name(model, layer), a=a.float().cpu(), b=b.float().cpu()
+        )
+    return deltas

@@ -1,0 +1,67 @@
+"""Null-space projectors built from a weight matrix and the keys of past edits.
+
+A change ΔW applied as ΔW·P, with P = I − QQᵀ, leaves W·k untouched for every k in span(Q). Q spans
+(a) W's dominant input directions — what the layer already responds to, read off the weights,
+no corpus needed — and (b) the cached keys of earlier edits, so a new edit cannot overwrite them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def weight_input_basis(weight: torch.Tensor, rel_threshold: float) -> torch.Tensor:
+    """Right singular vectors of W (d_out × d_in) whose singular value ≥ rel_threshold · σ_max."""
+    _, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    keep = s >= rel_threshold * s[0]
+    return vh[keep].T.contiguous()  # (d_in, r)
+
+
+def orthonormal_extend(
+    basis: torch.Tensor | None, vectors: torch.Tensor, rel_tol: float
+) -> torch.Tensor:
+    """Add to ``basis`` (d × r, orthonormal columns) the directions of ``vectors`` (m × d) it lacks.
+
+    A residual direction is kept when its singular value is at least ``rel_tol`` times the largest
+    singular value of ``vectors``: small residues are numerical noise or already protected.
+    """
+    vectors = vectors.detach().float()
+    residual = (
+        vectors if basis is None or basis.numel() == 0 else vectors - (vectors @ basis) @ basis.T
+    )
+    _, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    scale = torch.linalg.matrix_norm(vectors, ord=2).clamp_min(1e-30)
+    new = vh[s >= rel_tol * scale].T
+    if basis is None or basis.numel() == 0:
+        return new.contiguous()
+    # re-orthonormalise against the old basis once more: SVD residues drift by ~1e-7
+    new = new - basis @ (basis.T @ new)
+    new = torch.linalg.qr(new).Q if new.shape[1] else new
+    return torch.cat([basis, new], dim=1).contiguous()
+
+
+class Projector:
+    """P = I − QQᵀ for an orthonormal Q (d × r); applied to row vectors without forming P."""
+
+    def __init__(self, q: torch.Tensor) -> None:
+        self.q = q
+
+    @property
+    def dim(self) -> int:
+        return int(self.q.shape[0])
+
+    @property
+    def protected_rank(self) -> int:
+        return int(self.q.shape[1])
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x·P for rows x (… × d)."""
+        q = self.q.to(x.dtype)
+        return x - (x @ q) @ q.T
+
+    def matrix(self) -> torch.Tensor:
+        return torch.eye(self.dim, dtype=self.q.dtype, device=self.q.device) - self.q @ self.q.T
+
+    def ratio(self, keys: torch.Tensor) -> float:
+        """‖Pk‖/‖k‖ over the rows of ``keys``: the share of the keys an edit may still act on."""
+        return float(self.apply(keys).norm() / keys.norm().clamp_min(1e-30))
