@@ -38,20 +38,27 @@ def _layout(model: PreTrainedModel) -> tuple[str, str]:
     )
 
 
-def num_layers(model: PreTrainedModel) -> int:
-    blocks_path, _ = _layout(model)
-    blocks = _get(model, blocks_path)
-    assert isinstance(blocks, nn.ModuleList)
-    return len(blocks)
-
-
-def down_proj(model: PreTrainedModel, layer: int) -> nn.Linear:
+def _blocks(model: PreTrainedModel) -> tuple[nn.ModuleList, str]:
     blocks_path, proj_path = _layout(model)
     blocks = _get(model, blocks_path)
     assert isinstance(blocks, nn.ModuleList)
+    return blocks, proj_path
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    return len(_blocks(model)[0])
+
+
+def block(model: PreTrainedModel, layer: int) -> nn.Module:
+    """The whole decoder block: its output is the residual stream MEMIT-style editors target."""
+    blocks, _ = _blocks(model)
     if not 0 <= layer < len(blocks):
         raise ValueError(f"layers: index {layer} outside 0..{len(blocks) - 1}")
-    module = _get(blocks[layer], proj_path)
+    return blocks[layer]
+
+
+def down_proj(model: PreTrainedModel, layer: int) -> nn.Linear:
+    module = _get(block(model, layer), _blocks(model)[1])
     assert isinstance(module, nn.Linear)
     return module
 
@@ -64,13 +71,3 @@ def down_proj_name(model: PreTrainedModel, layer: int) -> str:
 
 def input_embeddings(model: PreTrainedModel) -> nn.Module:
     return model.get_input_embeddings()
-
-
-def block(model: PreTrainedModel, layer: int) -> nn.Module:
-    """The whole decoder block: its output is the residual stream MEMIT-style editors target."""
-    blocks_path, _ = _layout(model)
-    blocks = _get(model, blocks_path)
-    assert isinstance(blocks, nn.ModuleList)
-    if not 0 <= layer < len(blocks):
-        raise ValueError(f"layers: index {layer} outside 0..{len(blocks) - 1}")
-    return blocks[layer]

@@ -39,7 +39,7 @@ KL_TEMPLATE = "{} is a"
 
 @dataclass
 class LokiConfig:
-    # None = layers in [10%, 40%) of depth: on SmolLM2 the early-middle MLPs hold the facts
+    # None = layers in [10%, 30%) of depth: on SmolLM2 the early-middle MLPs hold the facts
     # (DESIGN §3: layers 4–6 edit far better than 8–10).
     candidate_layers: tuple[int, ...] | None = None
     top_k: int = 3
@@ -51,7 +51,7 @@ class LokiConfig:
     weight_rel_threshold: float = 0.05
     cache_rel_tol: float = 0.05  # a past edit's key direction is cached if this strong
     context_rel_tol: float = 0.05  # a context key direction is protected if this strong
-    lr: float = 0.5
+    lr: float = 0.05
     max_steps: int = 25
     extra_steps: int = 2  # MPES: keep going this many steps after the target is top-1
     kl_weight: float = 1.0
@@ -63,7 +63,7 @@ class LokiConfig:
         """Validate against the model and return the candidate layers."""
         layers = self.candidate_layers
         if layers is None:
-            lo, hi = max(1, round(0.1 * num_layers)), max(2, round(0.4 * num_layers))
+            lo, hi = max(1, round(0.1 * num_layers)), max(2, round(0.3 * num_layers))
             layers = tuple(range(lo, hi))
         if not layers:
             raise ValueError("candidate_layers: must not be empty")
@@ -113,25 +113,27 @@ class LokiEditor(Editor):
 
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        # Only the cached-key columns: W₀'s basis is recomputed from the base weights on load,
+        # which keeps a version's stored state to what its edits added.
         state = {"n_edits": torch.tensor(self.n_edits)}
         for layer, q in self.protected.items():
-            state[f"protected.{layer}"] = q.cpu()
-            state[f"weight_rank.{layer}"] = torch.tensor(self.weight_rank[layer])
+            state[f"cache.{layer}"] = q[:, self.weight_rank[layer] :].cpu().contiguous()
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        protected, ranks = {}, {}
+        caches = {}
         for key, value in state.items():
             kind, _, layer = key.partition(".")
-            if kind == "protected":
-                protected[int(layer)] = value.float().to(self.device)
-            elif kind == "weight_rank":
-                ranks[int(layer)] = int(value)
+            if kind == "cache" and layer.isdigit() and int(layer) in self.modules:
+                caches[int(layer)] = value.float().to(self.device)
             elif key != "n_edits":
                 raise ValueError(f"loki state: unexpected key {key!r}")
-        if set(protected) != set(ranks):
-            raise ValueError("loki state: protected bases and ranks disagree")
-        self.protected, self.weight_rank = protected, ranks
+        self.protected, self.weight_rank = {}, {}
+        for layer, cache in caches.items():
+            basis = self._protector(layer).q
+            if cache.shape[0] != basis.shape[0]:
+                raise ValueError(f"loki state: cache.{layer} has {cache.shape[0]} rows")
+            self.protected[layer] = torch.cat([basis, cache], dim=1)
         self.n_edits = int(state.get("n_edits", torch.tensor(0)))
 
     def cached_keys(self, layer: int) -> int:

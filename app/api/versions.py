@@ -1,0 +1,61 @@
+"""/v1/versions and /v1/rollback."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import RuntimeDep, SessionDep
+from app.db.models import Version
+from app.schemas.versions import RollbackCreate, RollbackPublic, VersionList, VersionPublic
+from app.services import rollback as rollback_service
+from app.services.edits import NotFound
+from app.services.versions import get_head, list_versions, version_public
+
+router = APIRouter(tags=["versions"])
+
+
+@router.get("/v1/versions", response_model=VersionList)
+def versions(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[int | None, Query(ge=0)] = None,
+) -> dict[str, object]:
+    head = get_head(session)
+    rows = list_versions(session, limit=limit + 1, before=before)
+    page = rows[:limit]
+    return {
+        "head": head,
+        "data": [version_public(session, row, head) for row in page],
+        "next_before": page[-1].id if len(rows) > limit else None,
+    }
+
+
+@router.get("/v1/versions/head", response_model=VersionPublic)
+def head_version(session: SessionDep) -> dict[str, object]:
+    head = get_head(session)
+    row = session.get(Version, head)
+    assert row is not None
+    return version_public(session, row, head)
+
+
+@router.get("/v1/versions/{version_id}", response_model=VersionPublic)
+def version(version_id: int, session: SessionDep) -> dict[str, object]:
+    row = session.get(Version, version_id)
+    if row is None:
+        raise NotFound(f"version {version_id} does not exist")
+    return version_public(session, row, get_head(session))
+
+
+@router.post("/v1/rollback", response_model=RollbackPublic)
+async def rollback(body: RollbackCreate, runtime: RuntimeDep) -> dict[str, object]:
+    serving = runtime.serving
+    result = await run_in_threadpool(
+        rollback_service.rollback, runtime.infra.factory, serving.catalog, body.version
+    )
+    # Switch this process before answering, so the next generation here serves the new head.
+    result["serving"] = await run_in_threadpool(serving.sync_to_head)
+    runtime.infra.bus.publish(body.version)
+    return result

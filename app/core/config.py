@@ -1,0 +1,130 @@
+"""All run-time settings in one object, read from ``LOKID_*`` environment variables.
+
+Bad values stop start-up with a message that names the environment variable, so an operator
+never has to guess which setting was wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LOKID_"
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Embedded default: a SQLite file under ./var and the worker on a thread in the API process.
+    database_url: str = "sqlite:///./var/lokid.db"
+    redis_url: str | None = None
+    model: str = "bundled"
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    version_store: Path = Path("./var/versions")
+    editor: str = "loki"
+    # A full copy of a matrix after every K deltas to it bounds the work of materialising it;
+    # 64 keeps the amortised keyframe cost per version to a few percent of one matrix.
+    keyframe_every: int = Field(default=64, ge=1, le=10_000)
+    # Editor state grows by appends that are cheap to replay: write it whole less often.
+    state_keyframe_every: int = Field(default=256, ge=1, le=100_000)
+    queue_name: str = Field(default="edits", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    job_timeout: int = Field(default=900, ge=10, le=86_400)
+    reconcile_interval: float = Field(default=30.0, gt=0)
+    # A queued edit younger than this is assumed to be on its way through the queue.
+    reconcile_grace: float = Field(default=10.0, ge=0)
+    head_poll_interval: float = Field(default=2.0, gt=0)
+    # An editor that cannot make the target top-1 changes weights for nothing: refuse it.
+    reject_unsuccessful: bool = True
+    api_url: str = "http://127.0.0.1:8000"
+    # 0 keeps torch's default (one thread per core). On a CPU shared with other busy processes
+    # fewer threads are much faster: oversubscribed OpenMP threads spin-wait on each other.
+    torch_threads: int = Field(default=0, ge=0, le=512)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value.startswith("postgresql+psycopg://") or value.startswith("sqlite://"):
+            return value
+        if value.startswith(("postgres://", "postgresql://")):
+            raise ValueError("use the psycopg 3 driver: postgresql+psycopg://user@host/db")
+        raise ValueError("must start with postgresql+psycopg:// or sqlite://")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (or be unset)")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if value in ("", "bundled"):
+            return "bundled"
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(f"{value!r} is not a Hugging Face model directory (no config.json)")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("editor")
+    @classmethod
+    def _editor(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_.]+(:[A-Za-z0-9_]+)?$", value):
+            raise ValueError("must be a method name (loki, ...) or module.path:EditorClass")
+        return value
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @property
+    def embedded(self) -> bool:
+        """No Redis: dispatch in-process and run the worker on a thread of the API process."""
+        return self.redis_url is None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+class SettingsError(ValueError):
+    """Settings refused; the message names each offending environment variable."""
+
+
+def describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(describe(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

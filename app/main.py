@@ -1,0 +1,54 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from app.api import edits, errors, generation, health, openai, versions
+from app.api_runtime import ApiRuntime, build_runtime
+from app.core.config import Settings, get_settings
+from app.serving.generation import BadPrompt
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    runtime: ApiRuntime | Callable[[], ApiRuntime] | None = None,
+) -> FastAPI:
+    """``runtime`` may be given ready-made (tests share loaded models); else built at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = not isinstance(runtime, ApiRuntime)
+        if isinstance(runtime, ApiRuntime):
+            app.state.runtime = runtime
+        else:
+            make = runtime or (lambda: build_runtime(settings or get_settings()))
+            app.state.runtime = await run_in_threadpool(make)
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.runtime.close()
+
+    app = FastAPI(
+        title="lokid",
+        summary="Fact corrections applied to a served model, versioned and reversible.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+
+    @app.exception_handler(BadPrompt)
+    async def _bad_prompt(_: Request, error: BadPrompt) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=422)
+
+    for module in (edits, versions, generation, openai, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,264 @@
+"""The edit worker: one resident model and editor, one job at a time.
+
+Used two ways with the same code after the queue: ``lokid worker`` consumes rq jobs with a
+non-forking rq worker (a fork per job would lose the loaded model and cannot re-initialise
+CUDA); the embedded mode runs ``LocalWorkerThread`` inside the API process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core import metrics
+from app.core.config import Settings
+from app.db.models import Edit, EditStatus
+from app.queue.bus import HeadBus
+from app.queue.dispatch import LocalDispatcher
+from app.services import jobs
+from app.services.versions import Catalog, HeadMoved, get_head
+from app.versions import state as state_codec
+from app.versions.chain import DELTA, KEYFRAME, STATE, VersionInfo, needs_full_state, needs_keyframe
+from app.versions.live import LiveWeights, Prepared
+from app.versions.materialise import BaseWeights, Materialiser
+from app.versions.store import BlobStore
+from workers.editing.editor import Editor
+from workers.editing.model import LoadedModel, load_model
+from workers.editing.requests import EditRequest
+from workers.editing.result import EditResult
+from workers.editors import make_editor
+
+log = logging.getLogger(__name__)
+_MAX_REBASES = 3
+
+
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+class EditWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        factory: sessionmaker[Session],
+        store: BlobStore,
+        bus: HeadBus,
+        loaded: LoadedModel | None = None,
+        editor: Editor | None = None,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.store = store
+        self.bus = bus
+        self.loaded = loaded or load_model(
+            settings.model, device=settings.device, dtype=settings.dtype
+        )
+        self.editor = editor or self._new_editor()
+        self.materialiser = Materialiser(store, BaseWeights(self.loaded.path))
+        self.live = LiveWeights(self.loaded.model, self.materialiser)
+        self.catalog = Catalog()
+        self.editor_state: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()  # lifelong editing is sequential: one job at a time
+
+    def _new_editor(self) -> Editor:
+        return make_editor(self.settings.editor, self.loaded.model, self.loaded.tokenizer)
+
+    # -- following the head -------------------------------------------------------------
+
+    def sync(self) -> int:
+        """Bring weights and editor state to the database head (it moves on rollback)."""
+        with self.factory() as session:
+            head = get_head(session)
+            if self.live.path and self.live.version == head:
+                return head
+            path = self.catalog.path(session, head)
+        self.live.install(self.live.prepare(path))
+        state = self.materialiser.state(path)
+        if state:
+            self.editor.load_state_dict(state)
+        elif self.editor.state_dict():
+            self.editor = self._new_editor()  # back to an editor that has seen no edit
+        self.editor_state = _clone(state)
+        log.info("worker now at version %s", head)
+        return head
+
+    def _abandon(self, changed: list[str]) -> None:
+        """Undo an edit that reached the weights but not the database, bit for bit."""
+        self.live.restore(changed)
+        try:
+            if self.editor_state:
+                self.editor.load_state_dict(self.editor_state)
+            else:
+                self.editor = self._new_editor()
+        except Exception:
+            log.exception("could not restore editor state; rebuilding from the head")
+            self.live.path = []  # forces a full re-sync before the next job
+
+    # -- one job ------------------------------------------------------------------------
+
+    def process(self, job_id: int) -> str | None:
+        """Run edit job ``job_id``; returns the final status, None if there was nothing to do."""
+        with self.lock:
+            edits = jobs.claim(self.factory, job_id)
+            if not edits:
+                return None
+            started = time.perf_counter()
+            status = self._run(edits)
+            metrics.EDITS_FINISHED.labels(status=status).inc()
+            if status == EditStatus.applied:
+                metrics.EDIT_SECONDS.observe(time.perf_counter() - started)
+            return status
+
+    def _run(self, edits: list[Edit]) -> str:
+        try:
+            requests = [EditRequest.from_dict(e.request) for e in edits]
+        except ValueError as error:
+            return self._finish(edits, EditStatus.rejected, str(error))
+        for _ in range(_MAX_REBASES):
+            changed: list[str] = []
+            try:
+                base = self.sync()
+                result, prepared, changed = self._edit(requests, base)
+                if not result.success and self.settings.reject_unsuccessful:
+                    self._abandon(changed)
+                    return self._finish(
+                        edits,
+                        EditStatus.rejected,
+                        "edit did not take: the target is not the top prediction on every "
+                        "observation, so the weights were left unchanged",
+                        result.summary(),
+                    )
+                version = self._commit(edits, base, result, prepared)
+            except HeadMoved:
+                log.info("head moved during edit %s; editing again on the new head", edits[0].id)
+                self._abandon(changed)
+                continue
+            except ValueError as error:  # the editor's way of saying the request cannot be edited
+                self._abandon(changed)
+                return self._finish(edits, EditStatus.rejected, str(error))
+            except Exception as error:
+                log.exception("edit job %s failed", edits[0].id)
+                self._abandon(changed)
+                return self._finish(edits, EditStatus.failed, f"{type(error).__name__}: {error}")
+            self.bus.publish(version)
+            return EditStatus.applied
+        return self._finish(edits, EditStatus.failed, "head kept moving (rollbacks) during edit")
+
+    def _edit(
+        self, requests: list[EditRequest], base: int
+    ) -> tuple[EditResult, Prepared, list[str]]:
+        """``Editor.apply``, with the weights written from fp32 masters instead of in place:
+        undoing ``w + Δ`` by ``- Δ`` is not exact in floating point, restoring a master is."""
+        started = time.perf_counter()
+        result = self.editor.compute(requests)
+        names = sorted({d.name for d in result.deltas})
+        every = self.settings.keyframe_every
+        keyframes = [n for n in names if needs_keyframe(self.live.path, n, every)]
+        draft = VersionInfo(id=-1, parent=base, matrices=tuple(names), keyframes=tuple(keyframes))
+        prepared = self.live.prepare_edit(draft, result.deltas)
+        changed = self.live.preview(prepared)
+        try:
+            self.editor.after_apply(requests, result)
+        except BaseException:
+            self._abandon(changed)
+            raise
+        result.seconds = time.perf_counter() - started
+        return result, prepared, changed
+
+    def _finish(
+        self,
+        edits: list[Edit],
+        status: EditStatus,
+        error: str,
+        summary: dict[str, Any] | None = None,
+    ) -> str:
+        jobs.finish(self.factory, edits, status, error=error, metrics=summary)
+        return status
+
+    def _commit(self, edits: list[Edit], base: int, result: EditResult, prepared: Prepared) -> int:
+        draft = prepared.path[-1]
+        new_state = _clone(self.editor.state_dict())
+        full_state = needs_full_state(self.live.path, self.settings.state_keyframe_every)
+        state_tensors, state_full = state_codec.encode(
+            new_state, None if full_state else self.editor_state
+        )
+        delta_tensors: dict[str, torch.Tensor] = {}
+        for delta in result.deltas:
+            delta_tensors.update(delta.tensors())
+        # Blobs are durable before the transaction that makes them reachable.
+        blobs = {DELTA: self.store.put(delta_tensors), STATE: self.store.put(state_tensors)}
+        if draft.keyframes:
+            blobs[KEYFRAME] = self.store.put({n: prepared.masters[n] for n in draft.keyframes})
+
+        version = jobs.commit_version(
+            self.factory,
+            edits,
+            parent=base,
+            method=result.method,
+            matrices=list(draft.matrices),
+            keyframes=list(draft.keyframes),
+            state_full=state_full,
+            blobs=blobs,
+            layers=result.selected_layers,
+            metrics=result.summary(),
+        )
+        info = VersionInfo(
+            id=version,
+            parent=base,
+            matrices=draft.matrices,
+            keyframes=draft.keyframes,
+            state_full=state_full,
+            blobs={kind: sha for kind, (sha, _) in blobs.items()},
+        )
+        self.catalog.add(info)
+        prepared.path[-1] = info
+        prepared.version = version
+        self.live.adopt(prepared)
+        self.editor_state = new_state
+        metrics.VERSION_BYTES.observe(sum(size for _, size in blobs.values()))
+        log.info("edit %s applied as version %s", edits[0].id, version)
+        return version
+
+
+class LocalWorkerThread(threading.Thread):
+    """The embedded mode's consumer of the in-process queue."""
+
+    def __init__(self, worker: EditWorker, dispatcher: LocalDispatcher) -> None:
+        super().__init__(name="lokid-worker", daemon=True)
+        self.worker = worker
+        self.dispatcher = dispatcher
+        self.stop = threading.Event()
+        dispatcher.consumer_alive = self.is_alive
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            job_id = self.dispatcher.take(timeout=0.5)
+            if job_id is None:
+                continue
+            try:
+                self.worker.process(job_id)
+            except Exception:  # keep consuming; the reconciler retries what is still queued
+                log.exception("edit job %s crashed", job_id)
+
+
+# -- the rq entry point -----------------------------------------------------------------
+
+_resident: EditWorker | None = None
+
+
+def set_resident(worker: EditWorker | None) -> None:
+    global _resident
+    _resident = worker
+
+
+def run_edit_job(job_id: int) -> str | None:
+    """What rq calls for job ``edit-<job_id>``: uses the worker loaded at start-up."""
+    if _resident is None:
+        raise RuntimeError("no resident edit worker in this process: start it with `lokid worker`")
+    return _resident.process(job_id)
