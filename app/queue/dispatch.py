@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis import Redis
 from rq import Queue
@@ -55,30 +55,21 @@ class RqDispatcher:
     def enqueue_many(self, job_ids: list[int]) -> None:
         """Fresh jobs in one Redis round trip (ids the database just handed out)."""
         self.queue.enqueue_many(
-            [
-                Queue.prepare_data(
-                    JOB_FUNCTION,
-                    args=(job_id,),
-                    job_id=job_name(job_id),
-                    timeout=self.job_timeout,
-                    result_ttl=600,
-                    failure_ttl=7 * 86_400,
-                )
-                for job_id in job_ids
-            ]
+            [Queue.prepare_data(JOB_FUNCTION, **self._job_options(job_id)) for job_id in job_ids]
         )
 
     def _enqueue(self, job_id: int) -> None:
         # unique: one job per edit, even when the reconciler races the API
-        self.queue.enqueue_call(
-            JOB_FUNCTION,
-            args=(job_id,),
-            job_id=job_name(job_id),
-            timeout=self.job_timeout,
-            result_ttl=600,
-            failure_ttl=7 * 86_400,
-            unique=True,
-        )
+        self.queue.enqueue_call(JOB_FUNCTION, **self._job_options(job_id), unique=True)
+
+    def _job_options(self, job_id: int) -> dict[str, Any]:
+        return {
+            "args": (job_id,),
+            "job_id": job_name(job_id),
+            "timeout": self.job_timeout,
+            "result_ttl": 600,
+            "failure_ttl": 7 * 86_400,  # failed jobs stay inspectable for a week
+        }
 
     def is_pending(self, job_id: int) -> bool:
         try:
