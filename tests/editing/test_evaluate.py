@@ -41,9 +41,6 @@ SHARED = next(
 )
 COUNTERFACT = SHARED / "counterfact" / "train.json"
 ZSRE = SHARED / "zsre" / "train-1k.json"
-needs_data = pytest.mark.skipif(
-    not (COUNTERFACT.is_file() and ZSRE.is_file()), reason="shared benchmark data not present"
-)
 
 
 # ---------------------------------------------------------------- n-gram entropy
@@ -88,7 +85,6 @@ def test_words_split_punctuation() -> None:
 # ---------------------------------------------------------------- data loading
 
 
-@needs_data
 def test_load_counterfact_fields_offset_and_n() -> None:
     raw = json.loads(COUNTERFACT.read_text())
     recs = load_records(COUNTERFACT, "counterfact", offset=5, n=3)
@@ -108,12 +104,10 @@ def test_load_counterfact_fields_offset_and_n() -> None:
         assert rec.request.locality_prompts == ()
 
 
-@needs_data
 def test_load_counterfact_window_past_end() -> None:
     assert len(load_records(COUNTERFACT, "counterfact", offset=9_998, n=10)) == 2
 
 
-@needs_data
 def test_load_zsre_field_mapping() -> None:
     raw = json.loads(ZSRE.read_text())
     recs = load_records(ZSRE, "zsre", n=3)
@@ -180,7 +174,6 @@ def test_shared_prefix_logprobs_equal_target_logprobs(loaded_model) -> None:
     assert fast[-1] == 0.0
 
 
-@needs_data
 @pytest.mark.slow
 def test_edit_metrics_unedited_model(loaded_model) -> None:
     model, tok = loaded_model.model, loaded_model.tokenizer
@@ -279,7 +272,6 @@ class RankOneEditor(Editor):
         return EditResult(method=self.method, deltas=[delta], success=True, steps=1)
 
 
-@needs_data
 @pytest.mark.slow
 def test_bench_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
@@ -353,7 +345,6 @@ class FailingEditor(RankOneEditor):
         raise RuntimeError("bookkeeping failed")
 
 
-@needs_data
 @pytest.mark.slow
 def test_bench_cli_counts_failed_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
@@ -374,17 +365,7 @@ def test_bench_cli_counts_failed_edits(tmp_path: Path, monkeypatch: pytest.Monke
     assert all("bookkeeping failed" in r["error"] for r in rows)
 
 
-def _has_ft() -> bool:
-    try:
-        from workers.editing.baselines import FTEditor  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@needs_data
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_ft(), reason="FTEditor not written yet")
 def test_bench_cli_with_real_ft_editor(tmp_path: Path) -> None:
     out = tmp_path / "ft"
     argv = ["--method", "ft", "--data", str(COUNTERFACT), "--n", "2", "--offset", "20",
