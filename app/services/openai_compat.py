@@ -17,13 +17,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion(out: GenOutput, model: str, text: str) -> dict[str, Any]:
+def _envelope(cid: str, kind: str, model: str, version: int) -> dict[str, Any]:
+    """The fields every OpenAI response and chunk shares."""
     return {
-        "id": new_id("cmpl"),
-        "object": "text_completion",
+        "id": cid,
+        "object": kind,
         "created": int(time.time()),
         "model": model,
-        "system_fingerprint": fingerprint(out.version),
+        "system_fingerprint": fingerprint(version),
+    }
+
+
+def completion(out: GenOutput, model: str, text: str) -> dict[str, Any]:
+    return {
+        **_envelope(new_id("cmpl"), "text_completion", model, out.version),
         "choices": [
             {"index": 0, "text": text, "logprobs": None, "finish_reason": out.finish_reason}
         ],
@@ -35,22 +42,14 @@ def completion_chunk(
     cid: str, model: str, version: int, text: str, finish_reason: str | None
 ) -> dict[str, Any]:
     return {
-        "id": cid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": fingerprint(version),
+        **_envelope(cid, "text_completion", model, version),
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
     }
 
 
 def chat_completion(out: GenOutput, model: str) -> dict[str, Any]:
     return {
-        "id": new_id("chatcmpl"),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": fingerprint(out.version),
+        **_envelope(new_id("chatcmpl"), "chat.completion", model, out.version),
         "choices": [
             {
                 "index": 0,
@@ -67,11 +66,7 @@ def chat_chunk(
     cid: str, model: str, version: int, delta: dict[str, Any], finish_reason: str | None
 ) -> dict[str, Any]:
     return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": fingerprint(version),
+        **_envelope(cid, "chat.completion.chunk", model, version),
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
 
