@@ -29,7 +29,8 @@ from workers.editing.model import LoadedModel, load_model
 ROOT = Path(__file__).resolve().parents[2]
 COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "train.json"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-REDIS_URL = "redis://127.0.0.1:6379/15"
+# Overridable so two checkouts can run their suites side by side without flushing each other.
+REDIS_URL = os.environ.get("LOKID_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 RANK_ONE = "tests.service.rank_one:RankOneEditor"
 
 # The test machine's two cores are shared; oversubscribed OpenMP threads spin on each other.
