@@ -94,7 +94,10 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(candidate_layers=(-1,)), "candidate_layers"),
         (LokiConfig(candidate_layers=()), "candidate_layers"),
         (LokiConfig(candidate_layers=(2, 3), top_k=3), "top_k"),
-        (LokiConfig(lr=0.0), "lr"),
+        (LokiConfig(l2=0.0), "l2"),
+        (LokiConfig(refine_lr=-1.0), "refine_lr"),
+        (LokiConfig(capacity_weight=-0.5), "capacity_weight"),
+        (LokiConfig(refine_steps=-1), "refine_steps"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:

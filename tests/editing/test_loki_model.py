@@ -53,37 +53,51 @@ def test_one_edit_changes_the_fact_and_nothing_unrelated(
     # bookkeeping the service stores with the version
     assert len(result.selected_layers) == editor.config.top_k
     assert all(0 < r <= 1 for r in result.key_ratio.values())
-    assert all(d.rank is not None and d.rank <= editor.config.n_contexts for d in result.deltas)
+    assert all(d.rank == 1 for d in result.deltas)  # one request: ΔW = a·b exactly rank 1
     for delta in result.deltas:
         assert delta.norm() == pytest.approx(result.delta_norm[delta.name], rel=1e-3)
-    assert 0 < result.steps <= editor.config.max_steps
+        layer = int(delta.name.split(".")[2])
+        # ΔW·P = ΔW: the change never reads W₀'s protected input directions
+        basis = editor.weight_basis(layer).cpu()
+        assert (delta.to_dense() @ basis).abs().max() < 1e-4 * delta.to_dense().abs().max()
+    cfg = editor.config
+    assert 0 < result.steps <= cfg.target.steps + cfg.refine_steps
 
 
 @pytest.mark.slow
-def test_second_edit_cannot_move_first_edits_keys(
+def test_second_edit_keeps_the_first_and_state_round_trips(
     loaded_model: LoadedModel, editor: LokiEditor
 ) -> None:
-    clone = LokiEditor(loaded_model.model, loaded_model.tokenizer)  # built on the base weights
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    clone = LokiEditor(model, tok)  # built on the base weights
     first = editor.apply([EDIT])
-    protected = {layer: editor.protected[layer].clone() for layer in first.selected_layers}
-    assert all(editor.cached_keys(layer) > 0 for layer in first.selected_layers)
+    assert first.success
+    first_keys = {layer: editor.past_keys[layer].clone() for layer in editor.layers}
+    assert all(editor.cached_keys(layer) == 1 for layer in editor.layers)
     second = editor.apply(
         [EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new="piano")]
     )
+    assert second.success
     for delta in second.deltas:
         layer = int(delta.name.split(".")[2])
-        if layer in protected:
-            # ΔW · q = 0 for every direction protected before the second edit
-            assert (delta.to_dense() @ protected[layer]).abs().max() < 1e-3
+        # the past edit's key is in the regulariser: the second change barely reaches it
+        k1 = first_keys[layer][0]
+        k2 = editor.past_keys[layer][1]
+        moved_first = float((delta.to_dense() @ k1).norm())
+        moved_own = float((delta.to_dense() @ k2).norm())
+        assert moved_first < 0.05 * moved_own
+    assert greedy_continuation(model, tok, EDIT.text, 4).strip().startswith("Rome")
     state = editor.state_dict()
     clone.load_state_dict(state)
     assert clone.n_edits == 2
-    for layer, q in editor.protected.items():
-        assert torch.allclose(clone.protected[layer], q.cpu(), atol=1e-5)
-    # only the cached keys travel: W₀'s basis is recomputed from the weights
-    assert all(
-        v.shape[1] <= 2 * editor.config.n_contexts for k, v in state.items() if k != "n_edits"
-    )
+    for layer, keys in editor.past_keys.items():
+        assert torch.equal(clone.past_keys[layer], keys)
+    # only what the edits added travels: one key row per edit and candidate layer
+    assert {k: tuple(v.shape) for k, v in state.items() if k != "n_edits"} == {
+        f"keys.{layer}": (2, editor.modules[layer].in_features) for layer in editor.layers
+    }
+    with pytest.raises(ValueError, match=r"keys\.3 must be"):
+        clone.load_state_dict({"keys.3": torch.zeros(1, 5)})
 
 
 def test_failed_edit_leaves_weights_unchanged(

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.arch import block
 from workers.editing.baselines.config import TargetValueConfig
-from workers.editing.baselines.hooks import logits_at, output_hooks
+from workers.editing.baselines.hooks import frozen, logits_at, output_hooks
 from workers.editing.baselines.keys import contextual_prompts
 from workers.editing.baselines.targets import TargetIndex
 from workers.editing.batch import build_batch
@@ -80,7 +80,7 @@ def optimise_target_values(
     opt = torch.optim.Adam([delta], lr=config.lr)
     kl_init: torch.Tensor | None = None
     nll_value, loss_value, steps = float("nan"), float("nan"), 0
-    with output_hooks({block(model, z_layer): add_delta}):
+    with frozen(model), output_hooks({block(model, z_layer): add_delta}):
         for step in range(config.steps):
             opt.zero_grad()
             logits = logits_at(model, batch, index.positions)
