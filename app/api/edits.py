@@ -7,17 +7,21 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import require_scope
 from app.api.deps import RuntimeDep, SessionDep
 from app.db.models import TERMINAL, EditStatus
 from app.schemas.edits import EditBatchCreate, EditBatchPublic, EditCreate, EditList, EditPublic
 from app.services import edits as service
 
-router = APIRouter(prefix="/v1/edits", tags=["edits"])
+# The edit log holds operators' corrections and notes: reading it needs the edit scope too.
+router = APIRouter(
+    prefix="/v1/edits", tags=["edits"], dependencies=[Depends(require_scope("edit"))]
+)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import require_scope
 from app.api.deps import RuntimeDep
 from app.api.streaming import chunks, sse, sse_response
 from app.schemas.generation import GenerateCreate, GeneratePublic
 from app.serving.generation import Chunk, GenParams
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], dependencies=[Depends(require_scope("generate"))])
 
 
 def params_of(body: GenerateCreate) -> GenParams:

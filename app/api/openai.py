@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import require_scope
 from app.api.deps import RuntimeDep
 from app.api.streaming import chunks, sse, sse_response
 from app.api_runtime import ApiRuntime
@@ -13,7 +14,7 @@ from app.services import openai_compat as oa
 from app.services.edits import NotFound
 from app.serving.generation import Chunk, GenParams
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_scope("generate"))])
 ALIAS = "lokid"
 
 

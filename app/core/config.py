@@ -6,6 +6,7 @@ never has to guess which setting was wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -43,9 +44,14 @@ class Settings(BaseSettings):
     # An editor that cannot make the target top-1 changes weights for nothing: refuse it.
     reject_unsuccessful: bool = True
     api_url: str = "http://127.0.0.1:8000"
+    # The key the client commands (lokid edit, generate, ...) send to LOKID_API_URL.
+    api_key: str | None = None
     # 0 keeps torch's default (one thread per core). On a CPU shared with other busy processes
     # fewer threads are much faster: oversubscribed OpenMP threads spin-wait on each other.
     torch_threads: int = Field(default=0, ge=0, le=512)
+    # open: every caller may do everything (the embedded default; loopback only).
+    # keys: every /v1 call needs an API key with the route's scope (`lokid keys create`).
+    auth: Literal["open", "keys"] = "open"
 
     @field_validator("database_url")
     @classmethod
@@ -103,6 +109,24 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def bind_problem(self, host: str) -> str | None:
+        """Why this server must not listen on ``host``, or None when it may."""
+        if self.auth == "open" and not is_loopback(host):
+            return (
+                f"LOKID_AUTH=open lets anyone do anything, so it serves 127.0.0.1 only, not "
+                f"{host!r}: set LOKID_AUTH=keys and create keys with `lokid keys create`"
+            )
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
 
 
 class SettingsError(ValueError):
