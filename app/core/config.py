@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import limits
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -52,6 +53,16 @@ class Settings(BaseSettings):
     # open: every caller may do everything (the embedded default; loopback only).
     # keys: every /v1 call needs an API key with the route's scope (`lokid keys create`).
     auth: Literal["open", "keys"] = "open"
+    # Limits on one request. A body is refused (413) before it is read in full; the others
+    # are counted in the serving model's tokens and refused with 422.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1 << 30)
+    max_prompt_tokens: int = Field(default=2048, ge=1, le=1_000_000)
+    max_target_tokens: int = Field(default=32, ge=1, le=4096)
+    max_batch: int = Field(default=100, ge=1, le=10_000)
+    max_new_tokens: int = Field(default=512, ge=1, le=100_000)
+    # Requests each caller (API key, or client address in open mode) may make in a moving
+    # window, in the `limits` library's notation; "off" turns it off. Counted per API process.
+    rate_limit: str = "100/2 seconds"
 
     @field_validator("database_url")
     @classmethod
@@ -92,6 +103,19 @@ class Settings(BaseSettings):
     def _editor(cls, value: str) -> str:
         if not re.match(r"^[A-Za-z0-9_.]+(:[A-Za-z0-9_]+)?$", value):
             raise ValueError("must be a method name (loki, ...) or module.path:EditorClass")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        if value.strip().lower() in ("off", "0", ""):
+            return "off"
+        try:
+            limits.parse(value)
+        except ValueError:
+            raise ValueError(
+                "must be like '100/2 seconds', '50/second' or '3000 per minute', or 'off'"
+            ) from None
         return value
 
     @field_validator("api_url")
