@@ -12,9 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.models import BASE_MODEL_KEY, KeyValue, Version, utcnow
 from app.queue.dispatch import LocalDispatcher
+from app.queue.lease import ModelLease
 from app.queue.reconciler import ReconcilerThread, reconcile, recover_interrupted
-from app.runtime import Infra, StartupError, build_infra
+from app.runtime import Infra, StartupError, build_infra, model_lease
 from app.services.ingest import GroupCommit
+from app.services.limits import Limits
+from app.services.ratelimit import RateLimiter
 from app.serving.generation import Generator
 from app.serving.resident import HeadFollower, ServingModel
 from workers.editing.editor import Editor
@@ -47,8 +50,11 @@ class ApiRuntime:
     generator: Generator
     follower: HeadFollower
     ingest: GroupCommit
+    limits: Limits
+    limiter: RateLimiter | None = None
     threads: list[object] = field(default_factory=list)
     worker: object | None = None
+    lease: ModelLease | None = None
 
     @property
     def settings(self) -> Settings:
@@ -66,6 +72,8 @@ class ApiRuntime:
             join = getattr(thread, "join", None)
             if join is not None:
                 join(join_timeout)
+        if self.lease is not None:
+            self.lease.release()
         self.infra.close()
 
 
@@ -87,9 +95,11 @@ def build_runtime(
         runtime = ApiRuntime(
             infra=infra,
             serving=serving,
-            generator=Generator(serving),
+            generator=Generator(serving, Limits.of(settings)),
             follower=HeadFollower(serving, infra.bus, poll_interval=settings.head_poll_interval),
             ingest=GroupCommit(infra.factory, infra.dispatcher),
+            limits=Limits.of(settings),
+            limiter=RateLimiter.of(settings),
         )
         if isinstance(infra.dispatcher, LocalDispatcher):
             _start_embedded_worker(runtime, worker_model, editor)
@@ -107,6 +117,13 @@ def _start_embedded_worker(
 
     infra, settings = runtime.infra, runtime.settings
     assert isinstance(infra.dispatcher, LocalDispatcher)
+    lease = model_lease(infra)
+    if not lease.try_acquire():
+        raise StartupError(
+            "another lokid process is the edit worker of this database (it holds the model's "
+            "lease): stop it, or run one `lokid worker` with LOKID_REDIS_URL and API processes"
+        )
+    runtime.lease = lease
     # The worker edits its own copy in place; serving keeps answering from the other one.
     worker = EditWorker(
         settings,
@@ -116,11 +133,12 @@ def _start_embedded_worker(
         loaded=worker_model
         or load_model(settings.model, device=settings.device, dtype=settings.dtype),
         editor=editor,
+        lease=lease,
     )
-    worker.sync()
+    worker.sync_at_start()
     thread = LocalWorkerThread(worker, infra.dispatcher)
     thread.start()
-    recover_interrupted(infra.factory)
+    recover_interrupted(infra.factory, max_attempts=settings.max_attempts)
     reconcile(infra.factory, infra.dispatcher, grace=0)  # the in-process queue starts empty
     reconciler = ReconcilerThread(
         infra.factory,

@@ -108,11 +108,13 @@ class Server:
     runtime: ApiRuntime
     settings: Settings
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=300)
+    def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=300, headers=headers)
 
-    def wait_edit(self, edit_id: int, timeout: float = 300) -> dict[str, Any]:
-        with self.client() as client:
+    def wait_edit(
+        self, edit_id: int, timeout: float = 300, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        with self.client(headers) as client:
 
             def done() -> dict[str, Any] | None:
                 body = client.get(f"/v1/edits/{edit_id}").json()
@@ -129,13 +131,14 @@ class _ThreadServer(uvicorn.Server):
 def start_server(
     tmp: Path, models: tuple[LoadedModel, LoadedModel], **overrides: Any
 ) -> tuple[Server, Callable[[], None]]:
-    """An embedded lokid (SQLite, in-process worker) on a free port, sharing loaded models."""
-    settings = load_settings(
-        database_url=f"sqlite:///{tmp}/lokid.db",
-        redis_url=None,
-        version_store=tmp / "versions",
-        **overrides,
-    )
+    """An embedded lokid (SQLite unless ``database_url`` says otherwise, in-process worker) on
+    a free port, sharing loaded models."""
+    defaults = {
+        "database_url": f"sqlite:///{tmp}/lokid.db",
+        "redis_url": None,
+        "version_store": tmp / "versions",
+    }
+    settings = load_settings(**{**defaults, **overrides})
     serving, worker = models
     runtime = build_runtime(settings, serving_model=serving, worker_model=worker)
     port = free_port()
