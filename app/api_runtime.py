@@ -117,7 +117,8 @@ def _start_embedded_worker(
         or load_model(settings.model, device=settings.device, dtype=settings.dtype),
         editor=editor,
     )
-    worker.sync()
+    worker.health_at(worker.sync())  # the base (or head) health, before any edit
+    worker.heartbeat.start()
     thread = LocalWorkerThread(worker, infra.dispatcher)
     thread.start()
     recover_interrupted(infra.factory)
@@ -130,4 +131,4 @@ def _start_embedded_worker(
     )
     reconciler.start()
     runtime.worker = worker
-    runtime.threads += [thread, reconciler]
+    runtime.threads += [thread, reconciler, worker.heartbeat]

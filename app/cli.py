@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from typing import Annotated, Any, NoReturn
@@ -36,9 +35,10 @@ def _settings() -> Settings:
         _fail(str(error))
 
 
-def _logging() -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt)
+def _logging(settings: Settings) -> None:
+    from app.core.logs import configure
+
+    configure(settings.log_format, settings.log_level)
 
 
 @app.command()
@@ -60,7 +60,7 @@ def serve(
     from app.runtime import StartupError, build_infra
 
     settings = _settings()
-    _logging()
+    _logging(settings)
     if workers > 1:
         if settings.embedded:
             _fail("--workers: above 1 needs LOKID_REDIS_URL (one edit worker per model)")
@@ -75,7 +75,8 @@ def serve(
             host=host,
             port=port,
             workers=workers,
-            log_level="info",
+            log_level=settings.log_level,
+            log_config=None,  # keep the JSON (or text) handler set up above
             access_log=access_log,
         )
         return
@@ -91,7 +92,8 @@ def serve(
             create_app(settings, runtime=runtime),
             host=host,
             port=port,
-            log_level="info",
+            log_level=settings.log_level,
+            log_config=None,  # keep the JSON (or text) handler set up above
             access_log=access_log,
         )
     finally:
@@ -110,7 +112,7 @@ def worker(
     from workers import rq_main
 
     settings = _settings()
-    _logging()
+    _logging(settings)
     try:
         rq_main.run(settings, burst=burst, metrics_port=metrics_port)
     except StartupError as error:
