@@ -15,6 +15,8 @@ from app.queue.dispatch import LocalDispatcher
 from app.queue.reconciler import ReconcilerThread, reconcile, recover_interrupted
 from app.runtime import Infra, StartupError, build_infra
 from app.services.ingest import GroupCommit
+from app.services.limits import Limits
+from app.services.ratelimit import RateLimiter
 from app.serving.generation import Generator
 from app.serving.resident import HeadFollower, ServingModel
 from workers.editing.editor import Editor
@@ -47,6 +49,8 @@ class ApiRuntime:
     generator: Generator
     follower: HeadFollower
     ingest: GroupCommit
+    limits: Limits
+    limiter: RateLimiter | None = None
     threads: list[object] = field(default_factory=list)
     worker: object | None = None
 
@@ -87,9 +91,11 @@ def build_runtime(
         runtime = ApiRuntime(
             infra=infra,
             serving=serving,
-            generator=Generator(serving),
+            generator=Generator(serving, Limits.of(settings)),
             follower=HeadFollower(serving, infra.bus, poll_interval=settings.head_poll_interval),
             ingest=GroupCommit(infra.factory, infra.dispatcher),
+            limits=Limits.of(settings),
+            limiter=RateLimiter.of(settings),
         )
         if isinstance(infra.dispatcher, LocalDispatcher):
             _start_embedded_worker(runtime, worker_model, editor)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Annotated, Any, NoReturn
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -14,9 +16,14 @@ from rich.table import Table
 
 from app.core.config import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 app = typer.Typer(help="lokid: fact corrections applied to a served model, versioned.")
 db_app = typer.Typer(help="Database schema (Alembic migrations).")
 app.add_typer(db_app, name="db")
+keys_app = typer.Typer(help="API keys, kept in the database (LOKID_DATABASE_URL).")
+app.add_typer(keys_app, name="keys")
 console = Console()
 ApiOption = Annotated[
     str | None, typer.Option("--api", help="API base URL [env LOKID_API_URL]", show_default=False)
@@ -60,6 +67,9 @@ def serve(
     from app.runtime import StartupError, build_infra
 
     settings = _settings()
+    problem = settings.bind_problem(host)
+    if problem:
+        _fail(f"--host: {problem}")
     _logging(settings)
     if workers > 1:
         if settings.embedded:
@@ -141,11 +151,90 @@ def db_downgrade(revision: Annotated[str, typer.Argument()] = "base") -> None:
     console.print(f"database at {revision}")
 
 
+# -- API keys: straight to the database, so the first key needs no key ----------------------
+
+
+@contextmanager
+def _key_session() -> Iterator[Session]:
+    from app.db import migrate
+    from app.db.session import make_engine, make_session_factory
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        if settings.is_sqlite:
+            migrate.upgrade(settings.database_url)  # embedded: nobody else migrates the file
+        problem = migrate.pending(engine, settings.database_url)
+        if problem:
+            _fail(f"LOKID_DATABASE_URL: {problem}")
+        with make_session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A unique name for the key, e.g. ci.")],
+    scope: Annotated[list[str], typer.Option(help="generate, edit or admin; repeat for several.")],
+) -> None:
+    """Create a key and print it once: only its hash is stored."""
+    from app.services import keys
+    from app.services.edits import Conflict
+
+    with _key_session() as session:
+        try:
+            row, raw = keys.create_key(session, name, scope)
+        except (keys.BadKeyRequest, Conflict) as error:
+            _fail(str(error))
+    sys.stdout.write(raw + "\n")
+    Console(stderr=True).print(
+        f"[dim]key {row.name!r} ({', '.join(row.scopes)}); shown once, store it now[/dim]",
+        highlight=False,
+    )
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
+    """Revoke a key: requests with it get 401 from then on."""
+    from app.services import keys
+    from app.services.edits import NotFound
+
+    with _key_session() as session:
+        try:
+            row = keys.revoke_key(session, name)
+        except NotFound as error:
+            _fail(str(error))
+    console.print(f"key {row.name!r} revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Keys with their scopes and use; never the keys themselves."""
+    from app.services import keys
+
+    with _key_session() as session:
+        rows = keys.list_keys(session)
+    table = Table("name", "prefix", "scopes", "created", "last used", "revoked")
+    for row in rows:
+        table.add_row(
+            row.name,
+            row.prefix + "…",
+            ",".join(row.scopes),
+            f"{row.created_at:%Y-%m-%d %H:%M}",
+            f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "",
+            f"{row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "",
+        )
+    console.print(table)
+
+
 # -- client commands: they talk to a running API -------------------------------------------
 
 
 def _client(api: str | None) -> httpx.Client:
-    return httpx.Client(base_url=api or _settings().api_url, timeout=120)
+    settings = _settings()
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else None
+    return httpx.Client(base_url=api or settings.api_url, timeout=120, headers=headers)
 
 
 def _call(api: str | None, method: str, path: str, **kwargs: Any) -> Any:

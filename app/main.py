@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from app.api import edits, errors, generation, health, openai, versions
+from app.api.body_limit import BodyLimit
 from app.api_runtime import ApiRuntime, build_runtime
 from app.core.config import Settings, get_settings
 from app.serving.generation import BadPrompt
@@ -44,6 +45,7 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=(settings or get_settings()).max_body_bytes)
 
     @app.exception_handler(BadPrompt)
     async def _bad_prompt(_: Request, error: BadPrompt) -> JSONResponse:

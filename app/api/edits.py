@@ -7,18 +7,28 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import require_scope
 from app.api.deps import RuntimeDep, SessionDep
+from app.api_runtime import ApiRuntime
 from app.db.models import TERMINAL, EditStatus
 from app.schemas.edits import EditBatchCreate, EditBatchPublic, EditCreate, EditList, EditPublic
 from app.services import edits as service
 
-router = APIRouter(prefix="/v1/edits", tags=["edits"])
+# The edit log holds operators' corrections and notes: reading it needs the edit scope too.
+router = APIRouter(
+    prefix="/v1/edits", tags=["edits"], dependencies=[Depends(require_scope("edit"))]
+)
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+
+
+def _check(runtime: ApiRuntime, items: list[EditCreate], *, batch: bool) -> None:
+    tokenizer = runtime.generator.tokenizer
+    service.check(items, batch=batch, limits=runtime.limits, tokenizer=tokenizer)
 
 
 def _accepted(model: type[BaseModel], body: dict[str, object], replayed: bool) -> Response:
@@ -32,7 +42,7 @@ async def create_edit(
     body: EditCreate, runtime: RuntimeDep, key: IdempotencyKey = None
 ) -> Response:
     # async with one explicit thread hop: this is the API's busiest write path
-    service.check([body], batch=False)
+    _check(runtime, [body], batch=False)
     if key is None:  # concurrent submissions share one commit and one Redis round trip
         edit = await run_in_threadpool(runtime.ingest.submit, body)
         return _accepted(EditPublic, service.public(edit), False)
@@ -52,7 +62,7 @@ async def create_edit(
 async def create_batch(
     body: EditBatchCreate, runtime: RuntimeDep, key: IdempotencyKey = None
 ) -> Response:
-    service.check(body.edits, batch=True)
+    _check(runtime, body.edits, batch=True)
     edits, replayed = await run_in_threadpool(
         service.submit,
         runtime.infra.factory,

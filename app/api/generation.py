@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import require_scope
 from app.api.deps import RuntimeDep
 from app.api.streaming import chunks, sse, sse_response
 from app.schemas.generation import GenerateCreate, GeneratePublic
+from app.services.limits import Limits
 from app.serving.generation import Chunk, GenParams
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], dependencies=[Depends(require_scope("generate"))])
 
 
-def params_of(body: GenerateCreate) -> GenParams:
+def params_of(body: GenerateCreate, limits: Limits) -> GenParams:
+    explicit = "max_new_tokens" in body.model_fields_set
     return GenParams(
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=limits.new_tokens(body.max_new_tokens, explicit=explicit),
         temperature=body.temperature,
         top_p=body.top_p,
         stop=body.stop,
@@ -27,7 +30,7 @@ def params_of(body: GenerateCreate) -> GenParams:
 @router.post("/v1/generate", response_model=GeneratePublic)
 async def generate(body: GenerateCreate, runtime: RuntimeDep) -> object:
     """``stream: true`` sends ``token`` events, then one ``done`` event with the whole answer."""
-    generator, params = runtime.generator, params_of(body)
+    generator, params = runtime.generator, params_of(body, runtime.limits)
     if not body.stream:
         out = await run_in_threadpool(generator.complete, body.prompt, params)
         return {
@@ -50,7 +53,7 @@ async def generate(body: GenerateCreate, runtime: RuntimeDep) -> object:
             lines.append(sse(done, "done"))
         return lines
 
-    generator.encode(body.prompt, body.max_new_tokens)  # refuse a bad prompt before streaming
+    generator.encode(body.prompt, params.max_new_tokens)  # refuse a bad prompt before streaming
     response: StreamingResponse = sse_response(
         chunks(generator, body.prompt, params, "generate"), render
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import require_scope
 from app.api.deps import RuntimeDep
 from app.api.streaming import chunks, sse, sse_response
 from app.api_runtime import ApiRuntime
@@ -13,7 +14,7 @@ from app.services import openai_compat as oa
 from app.services.edits import NotFound
 from app.serving.generation import Chunk, GenParams
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_scope("generate"))])
 ALIAS = "lokid"
 
 
@@ -43,7 +44,8 @@ def models(runtime: RuntimeDep) -> dict[str, object]:
 @router.post("/v1/completions")
 async def completions(body: CompletionCreate, runtime: RuntimeDep) -> object:
     model = _model(runtime, body.model)
-    params = _params(body, body.max_tokens)
+    explicit = "max_tokens" in body.model_fields_set
+    params = _params(body, runtime.limits.new_tokens(body.max_tokens, explicit=explicit))
     prompt, generator = body.text, runtime.generator
     if not body.stream:
         out = await run_in_threadpool(generator.complete, prompt, params, endpoint="completions")
@@ -75,7 +77,8 @@ async def completions(body: CompletionCreate, runtime: RuntimeDep) -> object:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionCreate, runtime: RuntimeDep) -> object:
     model = _model(runtime, body.model)
-    params = _params(body, body.limit)
+    explicit = bool({"max_tokens", "max_completion_tokens"} & body.model_fields_set)
+    params = _params(body, runtime.limits.new_tokens(body.limit, explicit=explicit))
     generator = runtime.generator
     prompt = generator.tokenizer.apply_chat_template(
         [m.as_template_input() for m in body.messages], add_generation_prompt=True, tokenize=False

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import require_scope
 from app.api.deps import RuntimeDep, SessionDep
 from app.db.models import Version
 from app.schemas.versions import RollbackCreate, RollbackPublic, VersionList, VersionPublic
@@ -15,9 +16,12 @@ from app.services.edits import NotFound
 from app.services.versions import get_head, list_versions, version_public
 
 router = APIRouter(tags=["versions"])
+# Version numbers are in every generation answer, so generate keys may read the tree too.
+ReadVersions = [Depends(require_scope("generate", "edit"))]
+RollBack = [Depends(require_scope("edit"))]
 
 
-@router.get("/v1/versions", response_model=VersionList)
+@router.get("/v1/versions", response_model=VersionList, dependencies=ReadVersions)
 def versions(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -33,7 +37,7 @@ def versions(
     }
 
 
-@router.get("/v1/versions/head", response_model=VersionPublic)
+@router.get("/v1/versions/head", response_model=VersionPublic, dependencies=ReadVersions)
 def head_version(session: SessionDep) -> dict[str, object]:
     head = get_head(session)
     row = session.get(Version, head)
@@ -41,7 +45,7 @@ def head_version(session: SessionDep) -> dict[str, object]:
     return version_public(session, row, head)
 
 
-@router.get("/v1/versions/{version_id}", response_model=VersionPublic)
+@router.get("/v1/versions/{version_id}", response_model=VersionPublic, dependencies=ReadVersions)
 def version(version_id: int, session: SessionDep) -> dict[str, object]:
     row = session.get(Version, version_id)
     if row is None:
@@ -49,7 +53,7 @@ def version(version_id: int, session: SessionDep) -> dict[str, object]:
     return version_public(session, row, get_head(session))
 
 
-@router.post("/v1/rollback", response_model=RollbackPublic)
+@router.post("/v1/rollback", response_model=RollbackPublic, dependencies=RollBack)
 async def rollback(body: RollbackCreate, runtime: RuntimeDep) -> dict[str, object]:
     serving = runtime.serving
     result = await run_in_threadpool(

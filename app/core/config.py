@@ -6,11 +6,13 @@ never has to guess which setting was wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import limits
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -43,9 +45,24 @@ class Settings(BaseSettings):
     # An editor that cannot make the target top-1 changes weights for nothing: refuse it.
     reject_unsuccessful: bool = True
     api_url: str = "http://127.0.0.1:8000"
+    # The key the client commands (lokid edit, generate, ...) send to LOKID_API_URL.
+    api_key: str | None = None
     # 0 keeps torch's default (one thread per core). On a CPU shared with other busy processes
     # fewer threads are much faster: oversubscribed OpenMP threads spin-wait on each other.
     torch_threads: int = Field(default=0, ge=0, le=512)
+    # open: every caller may do everything (the embedded default; loopback only).
+    # keys: every /v1 call needs an API key with the route's scope (`lokid keys create`).
+    auth: Literal["open", "keys"] = "open"
+    # Limits on one request. A body is refused (413) before it is read in full; the others
+    # are counted in the serving model's tokens and refused with 422.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1 << 30)
+    max_prompt_tokens: int = Field(default=2048, ge=1, le=1_000_000)
+    max_target_tokens: int = Field(default=32, ge=1, le=4096)
+    max_batch: int = Field(default=100, ge=1, le=10_000)
+    max_new_tokens: int = Field(default=512, ge=1, le=100_000)
+    # Requests each caller (API key, or client address in open mode) may make in a moving
+    # window, in the `limits` library's notation; "off" turns it off. Counted per API process.
+    rate_limit: str = "100/2 seconds"
 
     # Edit guard and model health, measured by the worker after every edit (see
     # workers/editing/health.py). Canaries: a JSON list of {prompt, answer} the base model knows.
@@ -132,6 +149,19 @@ class Settings(BaseSettings):
             raise ValueError("must be a method name (loki, ...) or module.path:EditorClass")
         return value
 
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        if value.strip().lower() in ("off", "0", ""):
+            return "off"
+        try:
+            limits.parse(value)
+        except ValueError:
+            raise ValueError(
+                "must be like '100/2 seconds', '50/second' or '3000 per minute', or 'off'"
+            ) from None
+        return value
+
     @field_validator("api_url")
     @classmethod
     def _api_url(cls, value: str) -> str:
@@ -153,6 +183,24 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def bind_problem(self, host: str) -> str | None:
+        """Why this server must not listen on ``host``, or None when it may."""
+        if self.auth == "open" and not is_loopback(host):
+            return (
+                f"LOKID_AUTH=open lets anyone do anything, so it serves 127.0.0.1 only, not "
+                f"{host!r}: set LOKID_AUTH=keys and create keys with `lokid keys create`"
+            )
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
 
 
 class SettingsError(ValueError):

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.db.models import EditStatus
 
 Text = Field(min_length=1, max_length=2000)
-MAX_BATCH = 100
+# The schema's ceiling; LOKID_MAX_BATCH (default 100) is the limit a server enforces.
+MAX_BATCH = 10_000
 
 
 class EditCreate(BaseModel):

@@ -17,6 +17,7 @@ from app.db.models import Edit, EditStatus, IdempotencyKey, utcnow
 from app.db.session import engine_of
 from app.queue.dispatch import Dispatcher
 from app.schemas.edits import EditCreate
+from app.services.limits import Limits
 from app.services.versions import as_utc
 from workers.editing.requests import EditRequest
 
@@ -44,15 +45,29 @@ class NotFound(LookupError):
     pass
 
 
-def check(items: Sequence[EditCreate], *, batch: bool) -> None:
-    """Refuse now what the worker would refuse later, naming the field."""
+def check(
+    items: Sequence[EditCreate],
+    *,
+    batch: bool,
+    limits: Limits | None = None,
+    tokenizer: Any = None,
+) -> None:
+    """Refuse now what the worker would refuse later, or what exceeds a limit, naming the field."""
+    if limits is not None:
+        problem = limits.batch_problem(len(items))
+        if problem:
+            raise InvalidEdit(["body", "edits"], problem)
     for i, item in enumerate(items):
+        loc: list[str | int] = ["body", "edits", i] if batch else ["body"]
         try:
             EditRequest.from_dict(item.editor_request())
         except ValueError as error:
             field, _, message = str(error).partition(": ")
-            loc: list[str | int] = ["body", "edits", i] if batch else ["body"]
             raise InvalidEdit([*loc, field], message or str(error)) from None
+        if limits is not None and tokenizer is not None:
+            too_long = limits.edit_problem(tokenizer, item.editor_request())
+            if too_long:
+                raise InvalidEdit([*loc, too_long[0]], too_long[1])
 
 
 def request_hash(scope: str, payload: Any) -> str:

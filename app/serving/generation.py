@@ -18,6 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from app.core import metrics
+from app.services.limits import Limits
 from app.serving.resident import ServingModel
 from app.serving.stats import GenerationStats
 
@@ -92,8 +93,9 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class Generator:
-    def __init__(self, serving: ServingModel) -> None:
+    def __init__(self, serving: ServingModel, limits: Limits | None = None) -> None:
         self.serving = serving
+        self.limits = limits
         self.tokenizer = serving.loaded.tokenizer
         self.model = serving.loaded.model
         self.stats = GenerationStats()
@@ -116,6 +118,13 @@ class Generator:
                 f"prompt: {ids.shape[1]} tokens plus {max_new_tokens} new tokens exceed the "
                 f"model's context of {context}"
             )
+        if self.limits is not None:
+            too_many = self.limits.new_tokens_problem(max_new_tokens)
+            if too_many:
+                raise BadPrompt(f"max_new_tokens: {too_many}")
+            too_long = self.limits.prompt_problem(ids.shape[1])
+            if too_long:
+                raise BadPrompt(f"prompt: {too_long}")
         return ids
 
     def _kwargs(self, params: GenParams) -> dict[str, Any]:

@@ -108,11 +108,13 @@ class Server:
     runtime: ApiRuntime
     settings: Settings
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=300)
+    def client(self, headers: dict[str, str] | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=300, headers=headers)
 
-    def wait_edit(self, edit_id: int, timeout: float = 300) -> dict[str, Any]:
-        with self.client() as client:
+    def wait_edit(
+        self, edit_id: int, timeout: float = 300, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        with self.client(headers) as client:
 
             def done() -> dict[str, Any] | None:
                 body = client.get(f"/v1/edits/{edit_id}").json()

@@ -17,7 +17,15 @@ from app.db.models import Base
 from app.db.session import make_engine
 from tests.service.conftest import ROOT
 
-TABLES = {"edits", "versions", "version_blobs", "kv", "idempotency_keys", "alembic_version"}
+TABLES = {
+    "edits",
+    "versions",
+    "version_blobs",
+    "kv",
+    "idempotency_keys",
+    "api_keys",
+    "alembic_version",
+}
 
 
 @pytest.mark.parametrize(
