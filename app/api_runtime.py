@@ -123,8 +123,7 @@ def _start_embedded_worker(
         or load_model(settings.model, device=settings.device, dtype=settings.dtype),
         editor=editor,
     )
-    worker.health_at(worker.sync())  # the base (or head) health, before any edit
-    worker.heartbeat.start()
+    worker.start()
     thread = LocalWorkerThread(worker, infra.dispatcher)
     thread.start()
     recover_interrupted(infra.factory)

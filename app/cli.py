@@ -48,6 +48,24 @@ def _logging(settings: Settings) -> None:
     configure(settings.log_format, settings.log_level)
 
 
+def _bootstrap_admin(settings: Settings, factory: Any) -> None:
+    """First start: no admin key yet, so nobody could log in to /admin. Print one, once."""
+    from app.services.admin_sessions import ensure_admin_key
+
+    if not settings.bootstrap_admin_key:
+        return
+    raw = ensure_admin_key(factory)
+    if raw is not None:
+        console.print(
+            "[bold]No admin key existed, so one was created (shown only now):[/bold]\n"
+            f"  {raw}\n"
+            "Log in to the dashboard at /admin/login with it, or send it as "
+            "Authorization: Bearer. Keep it safe; `lokid keys revoke bootstrap-admin` ends it.",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -75,9 +93,11 @@ def serve(
         if settings.embedded:
             _fail("--workers: above 1 needs LOKID_REDIS_URL (one edit worker per model)")
         try:
-            build_infra(settings).close()  # refuse bad settings before forking
+            infra = build_infra(settings)  # refuse bad settings before forking
         except StartupError as error:
             _fail(str(error))
+        _bootstrap_admin(settings, infra.factory)
+        infra.close()
         # Each process loads its own serving model and follows the head on its own.
         uvicorn.run(
             "app.main:create_app",
@@ -97,6 +117,7 @@ def serve(
         _fail(str(error))
     except Exception as error:
         _fail(f"start-up failed: {type(error).__name__}: {error}")
+    _bootstrap_admin(settings, runtime.infra.factory)
     try:
         uvicorn.run(
             create_app(settings, runtime=runtime),

@@ -32,8 +32,7 @@ def run(settings: Settings, *, burst: bool = False, metrics_port: int | None = N
     if metrics_port:
         start_http_server(metrics_port)
     worker = EditWorker(settings, factory=infra.factory, store=infra.store, bus=infra.bus)
-    worker.health_at(worker.sync())  # the base (or head) health, before any edit
-    worker.heartbeat.start()
+    worker.start()
     set_resident(worker)
     # This process is the model's only writer: whatever is 'running' was interrupted.
     for job_id in recover_interrupted(infra.factory):

@@ -95,6 +95,13 @@ class EditWorker:
         log.info("worker now at version %s", head)
         return head
 
+    def start(self) -> None:
+        """Ready for jobs: at the head, its health known, the heartbeat saying so."""
+        version = self.sync()
+        self.health_at(version)
+        self.heartbeat.state = {"state": "idle", "version": version}
+        self.heartbeat.start()
+
     def _abandon(self, changed: list[str]) -> None:
         """Undo an edit that reached the weights but not the database, bit for bit."""
         self.live.restore(changed)
@@ -111,7 +118,7 @@ class EditWorker:
 
     def process(self, job_id: int) -> str | None:
         """Run edit job ``job_id``; returns the final status, None if there was nothing to do."""
-        with self.lock, edit_context(job_id):
+        with self.lock, edit_context(job_id, self.live.version):
             edits = jobs.claim(self.factory, job_id)
             if not edits:
                 return None
@@ -240,6 +247,8 @@ class EditWorker:
             self._abandon(changed)
             raise
         result.seconds = time.perf_counter() - started
+        for delta in result.deltas:  # every editor's log shows ‖ΔW‖, whether it reports it or not
+            result.delta_norm.setdefault(delta.name, round(delta.norm(), 6))
         return result, prepared, changed
 
     def _reject(self, edits: list[Edit], reason: str, summary: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import require_scope
 from app.api.deps import RuntimeDep, SessionDep
+from app.api_runtime import ApiRuntime
 from app.db.models import Version
 from app.schemas.versions import RollbackCreate, RollbackPublic, VersionList, VersionPublic
 from app.services import rollback as rollback_service
@@ -53,13 +54,16 @@ def version(version_id: int, session: SessionDep) -> dict[str, object]:
     return version_public(session, row, get_head(session))
 
 
+def rollback_now(runtime: ApiRuntime, version: int) -> dict[str, object]:
+    """Move the head, switch this process before answering (so its next generation serves the
+    new head), and tell the others."""
+    serving = runtime.serving
+    result = rollback_service.rollback(runtime.infra.factory, serving.catalog, version)
+    result["serving"] = serving.sync_to_head()
+    runtime.infra.bus.publish(version)
+    return result
+
+
 @router.post("/v1/rollback", response_model=RollbackPublic, dependencies=RollBack)
 async def rollback(body: RollbackCreate, runtime: RuntimeDep) -> dict[str, object]:
-    serving = runtime.serving
-    result = await run_in_threadpool(
-        rollback_service.rollback, runtime.infra.factory, serving.catalog, body.version
-    )
-    # Switch this process before answering, so the next generation here serves the new head.
-    result["serving"] = await run_in_threadpool(serving.sync_to_head)
-    runtime.infra.bus.publish(body.version)
-    return result
+    return await run_in_threadpool(rollback_now, runtime, body.version)
