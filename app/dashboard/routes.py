@@ -24,7 +24,7 @@ from app.dashboard.plot import health_svg
 from app.dashboard.templating import render
 from app.db.models import TERMINAL, EditStatus
 from app.schemas.admin import PLAYGROUND_MAX_TOKENS, PlaygroundCreate
-from app.schemas.edits import MAX_BATCH, EditCreate
+from app.schemas.edits import EditCreate
 from app.services import edits as edit_service
 from app.services.admin import edit_log, playground, version_diff, version_tree
 from app.services.edits import InvalidEdit
@@ -90,13 +90,15 @@ EditPage = Annotated[dict[str, Any], Depends(edit_page_context)]
 
 
 @router.get("/edits", response_class=HTMLResponse)
-def edits_page(request: Request, admin: AdminPage, context: EditPage) -> Response:
+def edits_page(
+    request: Request, admin: AdminPage, runtime: RuntimeDep, context: EditPage
+) -> Response:
     return render(
         request,
         "edits.html",
         page="/admin/edits",
         statuses=[s.value for s in EditStatus],
-        max_batch=MAX_BATCH,
+        max_batch=runtime.settings.max_batch,
         **context,
     )
 
@@ -120,7 +122,8 @@ def _submit(
     request: Request, runtime: RuntimeDep, items: list[EditCreate], batch: bool
 ) -> Response:
     try:
-        edit_service.check(items, batch=batch)
+        tokenizer = runtime.generator.tokenizer
+        edit_service.check(items, batch=batch, limits=runtime.limits, tokenizer=tokenizer)
     except InvalidEdit as error:
         return _submitted(request, [], problems(error))
     edits, _ = edit_service.submit(

@@ -8,13 +8,18 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+from starlette.responses import Response
 
+from app.api.admin_auth import set_cookie
+from app.core.config import load_settings
 from app.core.logs import JsonFormatter
 from app.services import keys
+from app.services.admin_sessions import SessionCodec, new_session
 from tests.service.conftest import RANK_ONE, Server, as_edit, counterfact, start_server
 from workers.editing.model import LoadedModel
 
@@ -73,8 +78,9 @@ def test_unauthenticated_requests_are_refused(admin_server: tuple[Server, dict[s
         assert fragment.status_code == 401 and fragment.headers["HX-Redirect"].startswith(
             "/admin/login"
         )
-        forged = client.get("/admin", cookies={"lokid_admin": "forged.value.sig"})
-        assert forged.status_code == 303
+    with server.client() as client:
+        client.cookies.set("lokid_admin", "forged.value.sig")
+        assert client.get("/admin").status_code == 303
 
 
 def _wait_applied(server: Server, client: httpx.Client, record: dict[str, Any]) -> dict[str, Any]:
@@ -226,6 +232,36 @@ def test_login_session_and_csrf(admin_server: tuple[Server, dict[str, str]]) -> 
         out = client.post("/admin/logout", data={"csrf_token": token})
         assert out.status_code == 303
         assert client.get("/admin").status_code == 303
+
+
+def test_revoking_the_key_ends_its_sessions(admin_server: tuple[Server, dict[str, str]]) -> None:
+    server, _ = admin_server
+    with server.runtime.infra.factory() as session:
+        raw = keys.create_key(session, "leaving", ["admin"])[1]
+    with server.client() as client:
+        token = _csrf(client.get("/admin/login").text)
+        assert (
+            client.post("/admin/login", data={"key": raw, "csrf_token": token}).status_code == 303
+        )
+        assert client.get("/admin").status_code == 200
+        with server.runtime.infra.factory() as session:
+            keys.revoke_key(session, "leaving")
+        assert client.get("/admin").status_code == 303
+        assert client.get("/v1/admin/overview").status_code == 401
+
+
+def test_secure_cookie_setting() -> None:
+    def cookie(secure: bool) -> str:
+        settings = load_settings(cookie_secure=secure)
+        state = SimpleNamespace(
+            admin_sessions=SessionCodec(b"s" * 32, 3600), runtime=SimpleNamespace(settings=settings)
+        )
+        response = Response()
+        set_cookie(SimpleNamespace(app=SimpleNamespace(state=state)), response, new_session(1))  # type: ignore[arg-type]
+        return response.headers["set-cookie"].lower()
+
+    assert "; secure" in cookie(True) and "; secure" not in cookie(False)
+    assert "httponly" in cookie(True) and "samesite=strict" in cookie(True)
 
 
 def test_metrics_and_json_logs(admin_server: tuple[Server, dict[str, str]]) -> None:
