@@ -12,8 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.config import Settings
 from app.db.models import BASE_MODEL_KEY, KeyValue, Version, utcnow
 from app.queue.dispatch import LocalDispatcher
+from app.queue.lease import ModelLease
 from app.queue.reconciler import ReconcilerThread, reconcile, recover_interrupted
-from app.runtime import Infra, StartupError, build_infra
+from app.runtime import Infra, StartupError, build_infra, model_lease
 from app.services.ingest import GroupCommit
 from app.services.limits import Limits
 from app.services.ratelimit import RateLimiter
@@ -53,6 +54,7 @@ class ApiRuntime:
     limiter: RateLimiter | None = None
     threads: list[object] = field(default_factory=list)
     worker: object | None = None
+    lease: ModelLease | None = None
 
     @property
     def settings(self) -> Settings:
@@ -70,6 +72,8 @@ class ApiRuntime:
             join = getattr(thread, "join", None)
             if join is not None:
                 join(join_timeout)
+        if self.lease is not None:
+            self.lease.release()
         self.infra.close()
 
 
@@ -113,6 +117,13 @@ def _start_embedded_worker(
 
     infra, settings = runtime.infra, runtime.settings
     assert isinstance(infra.dispatcher, LocalDispatcher)
+    lease = model_lease(infra)
+    if not lease.try_acquire():
+        raise StartupError(
+            "another lokid process is the edit worker of this database (it holds the model's "
+            "lease): stop it, or run one `lokid worker` with LOKID_REDIS_URL and API processes"
+        )
+    runtime.lease = lease
     # The worker edits its own copy in place; serving keeps answering from the other one.
     worker = EditWorker(
         settings,
@@ -122,11 +133,12 @@ def _start_embedded_worker(
         loaded=worker_model
         or load_model(settings.model, device=settings.device, dtype=settings.dtype),
         editor=editor,
+        lease=lease,
     )
     worker.start()
     thread = LocalWorkerThread(worker, infra.dispatcher)
     thread.start()
-    recover_interrupted(infra.factory)
+    recover_interrupted(infra.factory, max_attempts=settings.max_attempts)
     reconcile(infra.factory, infra.dispatcher, grace=0)  # the in-process queue starts empty
     reconciler = ReconcilerThread(
         infra.factory,

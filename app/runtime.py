@@ -13,6 +13,7 @@ from app.db import migrate
 from app.db.session import make_engine, make_session_factory
 from app.queue.bus import HeadBus, LocalBus, RedisBus
 from app.queue.dispatch import Dispatcher, LocalDispatcher, RqDispatcher
+from app.queue.lease import ModelLease
 from app.versions.store import BlobStore
 
 
@@ -46,6 +47,14 @@ def apply_threads(settings: Settings) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+
+
+def model_lease(infra: Infra) -> ModelLease:
+    """The lease every edit worker of this database and queue competes for."""
+    settings = infra.settings
+    return ModelLease(
+        infra.engine, f"lokid:{settings.queue_name}", check_every=settings.lease_check_interval
+    )
 
 
 def build_infra(settings: Settings, *, migrate_sqlite: bool = True) -> Infra:

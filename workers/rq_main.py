@@ -10,7 +10,7 @@ from rq import SimpleWorker
 from app.core.config import Settings
 from app.queue.dispatch import RqDispatcher
 from app.queue.reconciler import ReconcilerThread, reconcile, recover_interrupted
-from app.runtime import StartupError, build_infra
+from app.runtime import StartupError, build_infra, model_lease
 from workers.worker import EditWorker, set_resident
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,16 @@ def run(settings: Settings, *, burst: bool = False, metrics_port: int | None = N
         raise StartupError(f"LOKID_REDIS_URL: cannot reach Redis: {error}") from None
     if metrics_port:
         start_http_server(metrics_port)
-    worker = EditWorker(settings, factory=infra.factory, store=infra.store, bus=infra.bus)
-    worker.start()
+    lease = model_lease(infra)
+    worker = EditWorker(
+        settings, factory=infra.factory, store=infra.store, bus=infra.bus, lease=lease
+    )
+    # Loaded before waiting, so a standby worker takes over within seconds of the holder's end.
+    lease.acquire()
+    worker.start()  # the heartbeat starts only now: a standby worker does not report itself
     set_resident(worker)
-    # This process is the model's only writer: whatever is 'running' was interrupted.
-    for job_id in recover_interrupted(infra.factory):
+    # This process is now the model's only writer: whatever is 'running' was interrupted.
+    for job_id in recover_interrupted(infra.factory, max_attempts=settings.max_attempts):
         dispatcher.discard(job_id)
     reconcile(infra.factory, dispatcher, grace=0)
     reconciler = ReconcilerThread(
@@ -57,4 +62,5 @@ def run(settings: Settings, *, burst: bool = False, metrics_port: int | None = N
         worker.heartbeat.stop.set()
         worker.heartbeat.join(5)
         set_resident(None)
+        lease.release()
         infra.close()

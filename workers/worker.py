@@ -21,18 +21,20 @@ from app.core.logs import edit_context, set_version
 from app.db.models import Edit, EditStatus
 from app.queue.bus import HeadBus
 from app.queue.dispatch import LocalDispatcher
+from app.queue.lease import ModelLease
 from app.services import jobs
 from app.services.versions import Catalog, HeadMoved, get_head
 from app.versions import state as state_codec
 from app.versions.chain import DELTA, KEYFRAME, STATE, VersionInfo, needs_full_state, needs_keyframe
 from app.versions.live import LiveWeights, Prepared
 from app.versions.materialise import BaseWeights, Materialiser
-from app.versions.store import BlobStore
+from app.versions.store import BlobCorrupted, BlobStore
 from workers.editing.editor import Editor
 from workers.editing.health import Health, guard_problem, load_canaries, measure, probe
 from workers.editing.model import LoadedModel, load_model
 from workers.editing.requests import EditRequest
 from workers.editing.result import EditResult
+from workers.editing.scoring import answers_already
 from workers.editors import make_editor
 from workers.heartbeat import Heartbeat
 
@@ -55,8 +57,10 @@ class EditWorker:
         bus: HeadBus,
         loaded: LoadedModel | None = None,
         editor: Editor | None = None,
+        lease: ModelLease | None = None,
     ) -> None:
         self.settings = settings
+        self.lease = lease
         self.factory = factory
         self.store = store
         self.bus = bus
@@ -95,9 +99,18 @@ class EditWorker:
         log.info("worker now at version %s", head)
         return head
 
+    def sync_at_start(self) -> None:
+        """``sync``, but an unreadable head does not stop the worker: it logs why, and each edit
+        fails with that reason until an operator rolls back to a readable version."""
+        try:
+            self.sync()
+        except BlobCorrupted as error:
+            log.error("the worker cannot load the head version: %s", error)
+
     def start(self) -> None:
-        """Ready for jobs: at the head, its health known, the heartbeat saying so."""
-        version = self.sync()
+        """Ready for jobs: at the head (if readable), its health known, the heartbeat saying so."""
+        self.sync_at_start()
+        version = self.live.version  # the head, or where the weights stayed if it was unreadable
         self.health_at(version)
         self.heartbeat.state = {"state": "idle", "version": version}
         self.heartbeat.start()
@@ -119,6 +132,8 @@ class EditWorker:
     def process(self, job_id: int) -> str | None:
         """Run edit job ``job_id``; returns the final status, None if there was nothing to do."""
         with self.lock, edit_context(job_id, self.live.version):
+            if self.lease is not None:
+                self.lease.check()  # raises: the edit stays queued for the lease's holder
             edits = jobs.claim(self.factory, job_id)
             if not edits:
                 return None
@@ -185,6 +200,9 @@ class EditWorker:
             try:
                 base = self.sync()
                 set_version(base)
+                nothing_to_do = self._already_answered(requests, base)
+                if nothing_to_do:
+                    return self._reject(edits, nothing_to_do, {})
                 before = self.health_at(base)
                 probes_before = self._probe(requests)
                 result, prepared, changed = self._edit(requests, base)
@@ -227,6 +245,20 @@ class EditWorker:
             self.bus.publish(version)
             return EditStatus.applied
         return self._finish(edits, EditStatus.failed, "head kept moving (rollbacks) during edit")
+
+    def _already_answered(self, requests: list[EditRequest], base: int) -> str | None:
+        """An edit whose target the model already answers would change weights for nothing."""
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        prompts = [r.text for r in requests]
+        hits = answers_already(model, tokenizer, prompts, [r.target for r in requests])
+        for i, (request, hit) in enumerate(zip(requests, hits, strict=True)):
+            if hit:
+                which = f"edit {i} of the batch: " if len(requests) > 1 else ""
+                return (
+                    f"{which}target_new: {request.target_new!r} is already the model's greedy "
+                    f"answer at version {base}, so there is nothing to change"
+                )
+        return None
 
     def _edit(
         self, requests: list[EditRequest], base: int

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from app.api.admin_auth import require_admin
@@ -12,6 +12,7 @@ from app.api.deps import RuntimeDep, SessionDep
 from app.api_runtime import ApiRuntime
 from app.db.models import EditStatus
 from app.schemas.admin import PlaygroundCreate
+from app.schemas.ids import MAX_ID
 from app.services.admin import edit_log, overview, playground, version_diff, version_tree
 from app.services.edits import public
 from app.serving.generation import GenParams
@@ -55,14 +56,14 @@ def list_edits(
         str | None, Query(max_length=200, description="subject or target contains")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 25,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> dict[str, Any]:
     page, next_before = edit_log.search(session, status=status, query=q, limit=limit, before=before)
     return {"data": [public(e) for e in page], "next_before": next_before}
 
 
 @router.get("/edits/{edit_id}")
-def get_edit(edit_id: int, session: SessionDep) -> dict[str, Any]:
+def get_edit(edit_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep) -> dict[str, Any]:
     return edit_log.detail(session, edit_id)
 
 
@@ -75,8 +76,8 @@ def get_versions(session: SessionDep) -> dict[str, Any]:
 def get_diff(
     runtime: RuntimeDep,
     session: SessionDep,
-    a: Annotated[int, Query(ge=0)],
-    b: Annotated[int, Query(ge=0)],
+    a: Annotated[int, Query(ge=0, le=MAX_ID)],
+    b: Annotated[int, Query(ge=0, le=MAX_ID)],
 ) -> dict[str, Any]:
     serving = runtime.serving
     return version_diff.diff(session, serving.catalog, serving.live.materialiser, a, b)

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
@@ -17,12 +17,14 @@ from app.api.deps import RuntimeDep, SessionDep
 from app.api_runtime import ApiRuntime
 from app.db.models import TERMINAL, EditStatus
 from app.schemas.edits import EditBatchCreate, EditBatchPublic, EditCreate, EditList, EditPublic
+from app.schemas.ids import MAX_ID
 from app.services import edits as service
 
 # The edit log holds operators' corrections and notes: reading it needs the edit scope too.
 router = APIRouter(
     prefix="/v1/edits", tags=["edits"], dependencies=[Depends(require_scope("edit"))]
 )
+EditId = Annotated[int, Path(ge=1, le=MAX_ID)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
 
@@ -85,7 +87,9 @@ def list_edits(
     session: SessionDep,
     status: EditStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="an edit id: list older edits")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="an edit id: list older edits")
+    ] = None,
 ) -> dict[str, object]:
     rows = service.list_edits(session, status=status, limit=limit + 1, before=before)
     page = rows[:limit]
@@ -96,18 +100,20 @@ def list_edits(
 
 
 @router.get("/{edit_id}", response_model=EditPublic)
-def get_edit(edit_id: int, session: SessionDep) -> dict[str, object]:
+def get_edit(edit_id: EditId, session: SessionDep) -> dict[str, object]:
     return service.public(service.get(session, edit_id))
 
 
 @router.post("/{edit_id}/requeue", status_code=202, response_model=EditPublic)
-def requeue_edit(edit_id: int, runtime: RuntimeDep) -> dict[str, object]:
+def requeue_edit(edit_id: EditId, runtime: RuntimeDep) -> dict[str, object]:
     edit = service.requeue(runtime.infra.factory, runtime.infra.dispatcher, edit_id)
     return service.public(edit)
 
 
 @router.get("/{edit_id}/events")
-async def edit_events(edit_id: int, runtime: RuntimeDep, request: Request) -> EventSourceResponse:
+async def edit_events(
+    edit_id: EditId, runtime: RuntimeDep, request: Request
+) -> EventSourceResponse:
     """Server-sent events: one ``status`` event per change, ending at a terminal status."""
 
     def load() -> dict[str, object]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.services.edits import Conflict, InvalidEdit, NotFound
 from app.services.ratelimit import RateLimited
@@ -29,6 +31,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, error: Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> Response:
+        # FastAPI's words for a body json.loads cannot read (bad UTF-8 included) name nothing.
+        if error.status_code == 400 and error.detail == "There was an error parsing the body":
+            error.detail = "request body is not valid JSON in UTF-8"
+        return await http_exception_handler(request, error)
 
     @app.exception_handler(RateLimited)
     async def _rate_limited(_: Request, error: RateLimited) -> JSONResponse:

@@ -27,6 +27,8 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     checks: dict[str, str] = {}
     serving = runtime.serving.version
     checks["model"] = "ok" if serving is not None else "no version loaded"
+    if runtime.serving.refused:
+        checks["model"] = f"serving version {serving}; {runtime.serving.refused}"
     try:
         ping(runtime.infra.engine)
         checks["database"] = "ok"

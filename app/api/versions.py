@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import require_scope
 from app.api.deps import RuntimeDep, SessionDep
 from app.api_runtime import ApiRuntime
 from app.db.models import Version
+from app.schemas.ids import MAX_ID
 from app.schemas.versions import RollbackCreate, RollbackPublic, VersionList, VersionPublic
 from app.services import rollback as rollback_service
-from app.services.edits import NotFound
+from app.services.edits import Conflict, NotFound
 from app.services.versions import get_head, list_versions, version_public
+from app.versions.store import BlobCorrupted
 
 router = APIRouter(tags=["versions"])
 # Version numbers are in every generation answer, so generate keys may read the tree too.
@@ -26,7 +28,7 @@ RollBack = [Depends(require_scope("edit"))]
 def versions(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before: Annotated[int | None, Query(ge=0)] = None,
+    before: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
 ) -> dict[str, object]:
     head = get_head(session)
     rows = list_versions(session, limit=limit + 1, before=before)
@@ -47,7 +49,9 @@ def head_version(session: SessionDep) -> dict[str, object]:
 
 
 @router.get("/v1/versions/{version_id}", response_model=VersionPublic, dependencies=ReadVersions)
-def version(version_id: int, session: SessionDep) -> dict[str, object]:
+def version(
+    version_id: Annotated[int, Path(ge=0, le=MAX_ID)], session: SessionDep
+) -> dict[str, object]:
     row = session.get(Version, version_id)
     if row is None:
         raise NotFound(f"version {version_id} does not exist")
@@ -56,10 +60,17 @@ def version(version_id: int, session: SessionDep) -> dict[str, object]:
 
 def rollback_now(runtime: ApiRuntime, version: int) -> dict[str, object]:
     """Move the head, switch this process before answering (so its next generation serves the
-    new head), and tell the others."""
+    new head), and tell the others. Used by /v1/rollback and the dashboard."""
     serving = runtime.serving
+    # Read the target first: a version whose blobs are missing or corrupt never becomes head.
+    try:
+        prepared = serving.prepare(version)
+    except KeyError:
+        raise NotFound(f"version {version} does not exist") from None
+    except BlobCorrupted as error:
+        raise Conflict(f"version {version} cannot be served: {error}") from None
     result = rollback_service.rollback(runtime.infra.factory, serving.catalog, version)
-    result["serving"] = serving.sync_to_head()
+    result["serving"] = serving.sync_to_head(prepared)
     runtime.infra.bus.publish(version)
     return result
 

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # A queued edit younger than this is assumed to be on its way through the queue.
     reconcile_grace: float = Field(default=10.0, ge=0)
     head_poll_interval: float = Field(default=2.0, gt=0)
+    # An edit whose worker died this many times while applying it is marked failed.
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    # How often the worker holding the model's lease checks that it still holds it.
+    lease_check_interval: float = Field(default=5.0, gt=0, le=300)
     # An editor that cannot make the target top-1 changes weights for nothing: refuse it.
     reject_unsuccessful: bool = True
     api_url: str = "http://127.0.0.1:8000"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +25,7 @@ from app.dashboard.templating import render
 from app.db.models import TERMINAL, EditStatus
 from app.schemas.admin import PLAYGROUND_MAX_TOKENS, PlaygroundCreate
 from app.schemas.edits import EditCreate
+from app.schemas.ids import MAX_ID
 from app.services import edits as edit_service
 from app.services.admin import edit_log, playground, version_diff, version_tree
 from app.services.edits import InvalidEdit
@@ -35,6 +36,8 @@ Csrf = Depends(require_csrf)
 router = APIRouter(prefix="/admin", include_in_schema=False)
 router.include_router(login_router)
 PAGE_SIZE = 25
+EditId = Annotated[int, Path(ge=1, le=MAX_ID)]
+VersionId = Annotated[int, Path(ge=0, le=MAX_ID)]
 
 
 def problems(error: ValidationError | InvalidEdit) -> str:
@@ -66,7 +69,7 @@ def edit_page_context(
     session: SessionDep,
     status: Annotated[EditStatus | None, Query()] = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
 ) -> dict[str, Any]:
     """One page of the edit log and the links around it, from the page's query string."""
     q = q or None
@@ -166,19 +169,21 @@ async def submit_batch(
 
 
 @router.get("/edits/{edit_id}", response_class=HTMLResponse)
-def edit_page(request: Request, admin: AdminPage, session: SessionDep, edit_id: int) -> Response:
+def edit_page(request: Request, admin: AdminPage, session: SessionDep, edit_id: EditId) -> Response:
     return render(request, "edit.html", page="/admin/edits", d=edit_log.detail(session, edit_id))
 
 
 @router.get("/fragments/edits/{edit_id}", response_class=HTMLResponse)
 def edit_fragment(
-    request: Request, admin: AdminPage, session: SessionDep, edit_id: int
+    request: Request, admin: AdminPage, session: SessionDep, edit_id: EditId
 ) -> Response:
     return render(request, "_edit_detail.html", d=edit_log.detail(session, edit_id))
 
 
 @router.get("/fragments/edits/{edit_id}/status", response_class=HTMLResponse)
-def edit_status(request: Request, admin: AdminPage, session: SessionDep, edit_id: int) -> Response:
+def edit_status(
+    request: Request, admin: AdminPage, session: SessionDep, edit_id: EditId
+) -> Response:
     edit = edit_service.public(edit_service.get(session, edit_id))
     return render(request, "_status.html", e=edit, terminal=edit["status"] in TERMINAL)
 
@@ -191,7 +196,7 @@ def versions_page(
     request: Request,
     admin: AdminPage,
     session: SessionDep,
-    rolled: Annotated[int | None, Query(ge=0)] = None,
+    rolled: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
 ) -> Response:
     tree = version_tree.tree(session)
     head_node = next((n for n in tree["versions"] if n["is_head"]), None)
@@ -220,15 +225,15 @@ def diff_fragment(
     admin: AdminPage,
     runtime: RuntimeDep,
     session: SessionDep,
-    a: Annotated[int, Query(ge=0)],
-    b: Annotated[int, Query(ge=0)],
+    a: Annotated[int, Query(ge=0, le=MAX_ID)],
+    b: Annotated[int, Query(ge=0, le=MAX_ID)],
 ) -> Response:
     return render(request, "_diff.html", d=_diff(runtime, session, a, b))
 
 
 @router.get("/versions/{version}/rollback", response_class=HTMLResponse)
 def rollback_confirm(
-    request: Request, admin: AdminPage, runtime: RuntimeDep, session: SessionDep, version: int
+    request: Request, admin: AdminPage, runtime: RuntimeDep, session: SessionDep, version: VersionId
 ) -> Response:
     """The confirmation step: what a rollback to ``version`` would revert."""
     tree = version_tree.tree(session)
@@ -244,7 +249,7 @@ def rollback_confirm(
 
 
 @router.post("/versions/{version}/rollback", dependencies=[Csrf])
-async def rollback(admin: AdminPage, runtime: RuntimeDep, version: int) -> Response:
+async def rollback(admin: AdminPage, runtime: RuntimeDep, version: VersionId) -> Response:
     await run_in_threadpool(rollback_now, runtime, version)
     return RedirectResponse(f"/admin/versions?rolled={version}", status_code=303)
 
@@ -258,7 +263,7 @@ def playground_page(
     admin: AdminPage,
     session: SessionDep,
     prompt: Annotated[str | None, Query(max_length=4000)] = None,
-    version: Annotated[int | None, Query(ge=0)] = None,
+    version: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
 ) -> Response:
     tree = version_tree.tree(session)
     versions = sorted((n["id"] for n in tree["versions"]), reverse=True)

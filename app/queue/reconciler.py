@@ -52,22 +52,34 @@ def reconcile(factory: sessionmaker[Session], dispatcher: Dispatcher, *, grace: 
     return redispatched
 
 
-def recover_interrupted(factory: sessionmaker[Session]) -> list[int]:
-    """Edits left ``running`` by a worker that died: queue them again (one writer per model)."""
+def recover_interrupted(factory: sessionmaker[Session], *, max_attempts: int = 3) -> list[int]:
+    """Edits left ``running`` by a worker that died: queue them again, or mark them ``failed``
+    once they have been tried ``max_attempts`` times (an edit that kills its worker every time
+    must not kill every worker after it). Call only while holding the model's lease.
+    Returns the ids of the jobs queued again."""
     with factory() as session, session.begin():
         job = func.coalesce(Edit.batch_id, Edit.id)
-        jobs = [
-            int(r[0])
-            for r in session.execute(
-                select(job).where(Edit.status == EditStatus.running).group_by(job)
+        running = Edit.status == EditStatus.running
+        exhausted = running & (Edit.attempts >= max_attempts)
+        given_up = session.execute(
+            update(Edit)
+            .where(exhausted)
+            .values(
+                status=EditStatus.failed,
+                finished_at=utcnow(),
+                error=f"the worker stopped during this edit {max_attempts} times; not retried",
             )
-        ]
+            .returning(Edit.id)
+        ).all()
+        jobs = [int(r[0]) for r in session.execute(select(job).where(running).group_by(job))]
         if jobs:
             session.execute(
-                update(Edit)
-                .where(Edit.status == EditStatus.running)
-                .values(status=EditStatus.queued, started_at=None)
+                update(Edit).where(running).values(status=EditStatus.queued, started_at=None)
             )
+    if given_up:
+        log.error("edits %s failed: their worker died on each attempt", [r[0] for r in given_up])
+    if jobs:
+        log.warning("edits of jobs %s were interrupted; queued again", jobs)
     return jobs
 
 

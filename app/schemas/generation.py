@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Tab, line feed and carriage return are text; other C0 controls, DEL and NUL are not.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+SEED = Field(default=None, ge=0, le=2**63 - 1)
+
+
+def plain_text(value: object) -> object:
+    """Refuse control characters in a string (or in each string of a list)."""
+    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(text, str) and _CONTROL.search(text):
+            raise ValueError("contains control characters")
+    return value
 
 
 def stop_list(value: str | list[str] | None) -> list[str]:
@@ -13,6 +27,7 @@ def stop_list(value: str | list[str] | None) -> list[str]:
         raise ValueError("at most 4 stop sequences")
     if any(not s for s in values):
         raise ValueError("stop sequences must not be empty")
+    plain_text(values)
     return values
 
 
@@ -25,7 +40,13 @@ class GenerateCreate(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = SEED
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        plain_text(value)
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.schemas.generation import stop_list
+from app.schemas.generation import SEED, plain_text, stop_list
 
 
 class StreamOptions(BaseModel):
@@ -27,7 +27,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = SEED
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -47,6 +47,7 @@ class CompletionCreate(_Common):
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("lokid completes one prompt per request")
+        plain_text(value)
         return value
 
     @property
@@ -60,12 +61,24 @@ class ContentPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        plain_text(value)
+        return value
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str | list[ContentPart]) -> str | list[ContentPart]:
+        plain_text(value)
+        return value
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content

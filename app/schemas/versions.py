@@ -6,6 +6,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.schemas.ids import MAX_ID
+
 
 class BlobPublic(BaseModel):
     kind: str
@@ -35,7 +37,7 @@ class VersionList(BaseModel):
 class RollbackCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_ID)
 
 
 class RollbackPublic(BaseModel):

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import metrics
 from app.db.models import Edit, EditStatus, Version
-from app.services.edits import NotFound
+from app.services.edits import Conflict, NotFound
 from app.services.versions import Catalog, get_head, move_head
 
 
@@ -22,6 +22,8 @@ def rollback(factory: sessionmaker[Session], catalog: Catalog, version: int) -> 
         if session.get(Version, version) is None:
             raise NotFound(f"version {version} does not exist")
         previous = get_head(session, lock=True)
+        if previous == version:
+            raise Conflict(f"version {version} is the head already; nothing to roll back")
         move_head(session, version)
         on_path = [info.id for info in catalog.path(session, version)]
         reverted = list(

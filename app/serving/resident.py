@@ -19,9 +19,10 @@ from app.core import metrics
 from app.queue.bus import HeadBus
 from app.services.versions import Catalog, get_head
 from app.serving.rwlock import RWLock
-from app.versions.live import LiveWeights
+from app.versions.chain import VersionInfo
+from app.versions.live import LiveWeights, Prepared
 from app.versions.materialise import BaseWeights, Materialiser
-from app.versions.store import BlobStore
+from app.versions.store import BlobCorrupted, BlobStore
 from workers.editing.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,38 @@ class ServingModel:
         self.lock = RWLock()
         self._switch = threading.Lock()
         self.version: int | None = None
+        # Set while the head cannot be served (a blob missing or failing its checksum).
+        self.refused: str | None = None
 
     @property
     def name(self) -> str:
         return self.loaded.name
 
-    def sync_to_head(self) -> int:
-        """Switch to the database's head if it differs; returns the version now served."""
+    def prepare(self, version: int) -> Prepared:
+        """Materialise ``version`` without serving it; raises ``BlobCorrupted`` if it cannot be."""
+        with self.factory() as session:
+            path = self.catalog.path(session, version)
+        return self.live.prepare(path)
+
+    def sync_to_head(self, ready: Prepared | None = None) -> int:
+        """Switch to the database's head if it differs; returns the version now served.
+
+        A head whose blobs are missing or corrupt is refused: the current version stays (at
+        start-up, the newest readable ancestor of the head), and ``refused`` says why."""
         with self._switch:
             with self.factory() as session:
                 head = get_head(session)
                 if head == self.version:
+                    self.refused = None
                     return head
                 path = self.catalog.path(session, head)
             started = time.perf_counter()
-            prepared = self.live.prepare(path)
+            try:
+                prepared = ready if ready is not None and ready.version == head else None
+                prepared = prepared or self.live.prepare(path)
+            except BlobCorrupted as error:
+                return self._refuse(head, path, error)
+            self.refused = None
             with self.lock.write():
                 self.live.install(prepared)
                 self.version = head
@@ -60,6 +78,26 @@ class ServingModel:
             metrics.SERVING_VERSION.set(head)
             log.info("serving version %s", head)
             return head
+
+    def _refuse(self, head: int, path: list[VersionInfo], error: BlobCorrupted) -> int:
+        problem = f"head version {head} cannot be served: {error}"
+        if problem != self.refused:
+            log.error("%s; still serving version %s", problem, self.version)
+        self.refused = problem
+        if self.version is not None:
+            return self.version
+        for info in reversed(path[:-1]):  # start-up: the newest ancestor that is readable
+            try:
+                prepared = self.live.prepare(path[: path.index(info) + 1])
+            except BlobCorrupted:
+                continue
+            with self.lock.write():
+                self.live.install(prepared)
+                self.version = info.id
+            metrics.SERVING_VERSION.set(info.id)
+            log.error("serving version %s, the newest readable ancestor of %s", info.id, head)
+            return info.id
+        raise error
 
     @contextmanager
     def borrowed(self, version: int) -> Iterator[int]:

@@ -49,7 +49,10 @@ class BlobStore:
             if sha in self._cache:
                 self._cache.move_to_end(sha)
                 return self._cache[sha]
-        data = self.path(sha).read_bytes()
+        try:
+            data = self.path(sha).read_bytes()
+        except FileNotFoundError:
+            raise BlobCorrupted(f"version store: blob {sha} is missing") from None
         if hashlib.sha256(data).hexdigest() != sha:
             raise BlobCorrupted(f"version store: blob {sha} fails its checksum")
         tensors = st_load(data)

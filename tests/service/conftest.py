@@ -131,13 +131,14 @@ class _ThreadServer(uvicorn.Server):
 def start_server(
     tmp: Path, models: tuple[LoadedModel, LoadedModel], **overrides: Any
 ) -> tuple[Server, Callable[[], None]]:
-    """An embedded lokid (SQLite, in-process worker) on a free port, sharing loaded models."""
-    settings = load_settings(
-        database_url=f"sqlite:///{tmp}/lokid.db",
-        redis_url=None,
-        version_store=tmp / "versions",
-        **overrides,
-    )
+    """An embedded lokid (SQLite unless ``database_url`` says otherwise, in-process worker) on
+    a free port, sharing loaded models."""
+    defaults = {
+        "database_url": f"sqlite:///{tmp}/lokid.db",
+        "redis_url": None,
+        "version_store": tmp / "versions",
+    }
+    settings = load_settings(**{**defaults, **overrides})
     serving, worker = models
     runtime = build_runtime(settings, serving_model=serving, worker_model=worker)
     port = free_port()

@@ -153,6 +153,8 @@ def test_bad_admin_input_is_4xx_json(admin_server: tuple[Server, dict[str, str]]
         missing = client.get("/v1/admin/versions/diff", params={"a": 0, "b": 999})
         assert missing.status_code == 404 and "version 999" in missing.json()["detail"]
         assert client.get("/v1/admin/edits/999999").status_code == 404
+        for path in (f"/v1/admin/edits/{2**70}", f"/v1/admin/versions/diff?a=0&b={2**70}"):
+            assert client.get(path).status_code == 422, path  # not a 64-bit overflow (500)
         bad = client.get("/v1/admin/edits", params={"status": "done"})
         assert bad.status_code == 422
         for body in (

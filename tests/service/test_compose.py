@@ -75,7 +75,10 @@ def test_env_vars_are_settings() -> None:
     env = SERVICES["api"]["environment"]
     assert env["LOKID_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert env["LOKID_REDIS_URL"].startswith("redis://redis:")
-    Settings(**{k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items()})
+    settings = Settings(**{k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items()})
+    # the API listens on every address of its container: only allowed with API keys
+    command = SERVICES["api"]["command"]
+    assert settings.bind_problem(command[command.index("--host") + 1]) is None
     # the version store lives on the volume both the api and the worker mount
     for name in ("api", "worker"):
         mounts = {v.split(":")[1] for v in SERVICES[name]["volumes"]}

@@ -52,3 +52,22 @@ def greedy_continuation(
         pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def answers_already(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+) -> list[bool]:
+    """For each prompt, whether greedy decoding already produces its target (every target
+    token is the argmax after the prompt and the target tokens before it)."""
+    device = next(model.parameters()).device
+    batch = build_batch(tokenizer, prompts, targets).to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows, pos, ids = batch.flat_target_index()
+    hits = (logits[rows, pos].argmax(dim=-1) == ids).long()
+    per_row = torch.zeros(len(prompts), dtype=torch.long, device=device).index_add_(0, rows, hits)
+    needed = [len(t) for t in batch.target_ids]
+    return [bool(n) and int(h) == n for h, n in zip(per_row.tolist(), needed, strict=True)]
