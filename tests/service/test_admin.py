@@ -20,7 +20,7 @@ from app.core.config import load_settings
 from app.core.logs import JsonFormatter
 from app.services import keys
 from app.services.admin_sessions import SessionCodec, new_session
-from tests.service.conftest import RANK_ONE, Server, as_edit, counterfact, start_server
+from tests.service.conftest import GUARDED, RANK_ONE, Server, as_edit, counterfact, start_server
 from workers.editing.model import LoadedModel
 
 RECORD = counterfact()[50]
@@ -31,9 +31,7 @@ def admin_server(
     tmp_path_factory: pytest.TempPathFactory, models: tuple[LoadedModel, LoadedModel]
 ) -> Iterator[tuple[Server, dict[str, str]]]:
     tmp = tmp_path_factory.mktemp("admin")
-    server, stop = start_server(
-        tmp, models, editor=RANK_ONE, session_secret_file=tmp / "secret", heartbeat_interval=0.5
-    )
+    server, stop = start_server(tmp, models, editor=RANK_ONE, heartbeat_interval=0.5, **GUARDED)
     made = {}
     with server.runtime.infra.factory() as session:
         made["admin"] = keys.create_key(session, "root", ["admin"])[1]

@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from app.services import keys
-from tests.service.conftest import RANK_ONE, ROOT, Server, counterfact, start_server
+from tests.service.conftest import GUARDED, RANK_ONE, ROOT, Server, counterfact, start_server
 from workers.editing.model import LoadedModel
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,9 +39,7 @@ def dashboard(
     tmp_path_factory: pytest.TempPathFactory, models: tuple[LoadedModel, LoadedModel]
 ) -> Iterator[tuple[Server, str]]:
     tmp = tmp_path_factory.mktemp("dashboard")
-    server, stop = start_server(
-        tmp, models, editor=RANK_ONE, session_secret_file=tmp / "secret", heartbeat_interval=0.5
-    )
+    server, stop = start_server(tmp, models, editor=RANK_ONE, heartbeat_interval=0.5, **GUARDED)
     with server.runtime.infra.factory() as session:
         raw = keys.create_key(session, "operator", ["admin"])[1]
     yield server, raw
