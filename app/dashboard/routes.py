@@ -249,8 +249,13 @@ def rollback_confirm(
 
 
 @router.post("/versions/{version}/rollback", dependencies=[Csrf])
-async def rollback(admin: AdminPage, runtime: RuntimeDep, version: VersionId) -> Response:
-    await run_in_threadpool(rollback_now, runtime, version)
+async def rollback(
+    request: Request, admin: AdminPage, runtime: RuntimeDep, version: VersionId
+) -> Response:
+    try:
+        await run_in_threadpool(rollback_now, runtime, version)
+    except (edit_service.Conflict, edit_service.NotFound) as error:  # e.g. an unreadable version
+        return render(request, "refused.html", status_code=409, page="/admin/versions", error=error)
     return RedirectResponse(f"/admin/versions?rolled={version}", status_code=303)
 
 

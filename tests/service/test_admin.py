@@ -208,6 +208,10 @@ def test_login_session_and_csrf(admin_server: tuple[Server, dict[str, str]]) -> 
             "/admin/edits", data={**form, "subject": "Nobody"}, headers={"X-CSRF-Token": token}
         )
         assert bad.status_code == 422 and "prompt: must contain the subject" in bad.text
+        head = client.get("/v1/versions/head").json()["id"]
+        assert client.post(f"/admin/versions/{head}/rollback").status_code == 403  # no CSRF
+        refused = client.post(f"/admin/versions/{head}/rollback", data={"csrf_token": token})
+        assert refused.status_code == 409 and "is the head already" in refused.text
         # the session also opens /v1/admin/* (reads freely, writes with the CSRF header)
         assert client.get("/v1/admin/overview").status_code == 200
         body = {"prompt": "x", "version": 0, "max_new_tokens": 1}
