@@ -78,16 +78,17 @@ def serve(
     ] = 1,
 ) -> None:
     """Start the API (and, without LOKID_REDIS_URL, the edit worker on a thread)."""
+    settings = _settings()
+    problem = settings.bind_problem(host)
+    if problem:
+        _fail(f"--host: {problem}")
+    # Imported only now: they pull in torch, and a refused start should not wait for it.
     import uvicorn
 
     from app.api_runtime import build_runtime
     from app.main import create_app
     from app.runtime import StartupError, build_infra
 
-    settings = _settings()
-    problem = settings.bind_problem(host)
-    if problem:
-        _fail(f"--host: {problem}")
     _logging(settings)
     if workers > 1:
         if settings.embedded:

@@ -30,6 +30,7 @@ from bench.service import COUNTERFACT, ROOT, Stack, database, free_port, log, wa
 
 TERMINAL = {"applied", "failed", "rejected", "reverted"}
 RANK_ONE = "tests.service.rank_one:RankOneEditor"
+GENERATION = {"generate", "chat"}
 
 
 @dataclass
@@ -243,12 +244,16 @@ def plot(run: Run, summary: dict[str, Any], out: Path) -> None:
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         values = []
         for start in bins:
-            ok = [s.seconds for s in run.samples if start <= s.at < start + 10 and s.status < 300]
+            ok = [
+                s.seconds
+                for s in run.samples
+                if start <= s.at < start + 10 and s.status < 300 and s.endpoint in GENERATION
+            ]
             values.append(percentile(ok, q) or float("nan"))
         ax.plot(list(bins), values, label=label)
     if run.rollback and "at_s" in run.rollback:
         ax.axvline(run.rollback["at_s"], color="grey", ls="--", label="rollback")
-    ax.set(title="latency of successful requests (10 s bins)", xlabel="s", ylabel="s")
+    ax.set(title="generation latency, successful requests (10 s bins)", xlabel="s", ylabel="s")
     ax.legend()
     ax = axes[1][0]
     errors = sorted(s.at for s in run.samples if not 200 <= s.status < 300)

@@ -101,6 +101,20 @@ def test_interrupted_edits_are_queued_again(infra: Infra) -> None:
         assert edit is not None and edit.status == EditStatus.queued
 
 
+def test_an_edit_that_keeps_killing_its_worker_is_failed(infra: Infra) -> None:
+    tried = _insert(infra, status=EditStatus.running)
+    fresh = _insert(infra, status=EditStatus.running)
+    with infra.factory() as session, session.begin():
+        session.get(Edit, tried).attempts = 3  # type: ignore[union-attr]
+        session.get(Edit, fresh).attempts = 2  # type: ignore[union-attr]
+    assert recover_interrupted(infra.factory, max_attempts=3) == [fresh]
+    with infra.factory() as session:
+        given_up, again = session.get(Edit, tried), session.get(Edit, fresh)
+        assert given_up is not None and again is not None
+        assert given_up.status == EditStatus.failed and "3 times" in (given_up.error or "")
+        assert again.status == EditStatus.queued
+
+
 def test_submit_survives_a_dead_queue_and_batches_are_one_job(infra: Infra) -> None:
     class DeadQueue:
         def enqueue(self, job_id: int) -> None:
