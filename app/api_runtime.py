@@ -135,7 +135,7 @@ def _start_embedded_worker(
         editor=editor,
         lease=lease,
     )
-    worker.sync_at_start()
+    worker.start()
     thread = LocalWorkerThread(worker, infra.dispatcher)
     thread.start()
     recover_interrupted(infra.factory, max_attempts=settings.max_attempts)
@@ -148,4 +148,4 @@ def _start_embedded_worker(
     )
     reconciler.start()
     runtime.worker = worker
-    runtime.threads += [thread, reconciler]
+    runtime.threads += [thread, reconciler, worker.heartbeat]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -43,9 +42,28 @@ def _settings() -> Settings:
         _fail(str(error))
 
 
-def _logging() -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt)
+def _logging(settings: Settings) -> None:
+    from app.core.logs import configure
+
+    configure(settings.log_format, settings.log_level)
+
+
+def _bootstrap_admin(settings: Settings, factory: Any) -> None:
+    """First start: no admin key yet, so nobody could log in to /admin. Print one, once."""
+    from app.services.admin_sessions import ensure_admin_key
+
+    if not settings.bootstrap_admin_key:
+        return
+    raw = ensure_admin_key(factory)
+    if raw is not None:
+        console.print(
+            "[bold]No admin key existed, so one was created (shown only now):[/bold]\n"
+            f"  {raw}\n"
+            "Log in to the dashboard at /admin/login with it, or send it as "
+            "Authorization: Bearer. Keep it safe; `lokid keys revoke bootstrap-admin` ends it.",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -71,14 +89,16 @@ def serve(
     from app.main import create_app
     from app.runtime import StartupError, build_infra
 
-    _logging()
+    _logging(settings)
     if workers > 1:
         if settings.embedded:
             _fail("--workers: above 1 needs LOKID_REDIS_URL (one edit worker per model)")
         try:
-            build_infra(settings).close()  # refuse bad settings before forking
+            infra = build_infra(settings)  # refuse bad settings before forking
         except StartupError as error:
             _fail(str(error))
+        _bootstrap_admin(settings, infra.factory)
+        infra.close()
         # Each process loads its own serving model and follows the head on its own.
         uvicorn.run(
             "app.main:create_app",
@@ -86,7 +106,8 @@ def serve(
             host=host,
             port=port,
             workers=workers,
-            log_level="info",
+            log_level=settings.log_level,
+            log_config=None,  # keep the JSON (or text) handler set up above
             access_log=access_log,
         )
         return
@@ -97,12 +118,14 @@ def serve(
         _fail(str(error))
     except Exception as error:
         _fail(f"start-up failed: {type(error).__name__}: {error}")
+    _bootstrap_admin(settings, runtime.infra.factory)
     try:
         uvicorn.run(
             create_app(settings, runtime=runtime),
             host=host,
             port=port,
-            log_level="info",
+            log_level=settings.log_level,
+            log_config=None,  # keep the JSON (or text) handler set up above
             access_log=access_log,
         )
     finally:
@@ -121,7 +144,7 @@ def worker(
     from workers import rq_main
 
     settings = _settings()
-    _logging()
+    _logging(settings)
     try:
         rq_main.run(settings, burst=burst, metrics_port=metrics_port)
     except StartupError as error:

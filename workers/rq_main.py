@@ -37,7 +37,7 @@ def run(settings: Settings, *, burst: bool = False, metrics_port: int | None = N
     )
     # Loaded before waiting, so a standby worker takes over within seconds of the holder's end.
     lease.acquire()
-    worker.sync_at_start()
+    worker.start()  # the heartbeat starts only now: a standby worker does not report itself
     set_resident(worker)
     # This process is now the model's only writer: whatever is 'running' was interrupted.
     for job_id in recover_interrupted(infra.factory, max_attempts=settings.max_attempts):
@@ -59,6 +59,8 @@ def run(settings: Settings, *, burst: bool = False, metrics_port: int | None = N
         )
     finally:
         reconciler.stop.set()
+        worker.heartbeat.stop.set()
+        worker.heartbeat.join(5)
         set_resident(None)
         lease.release()
         infra.close()

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import metrics
 from app.core.config import Settings
+from app.core.logs import edit_context, set_version
 from app.db.models import Edit, EditStatus
 from app.queue.bus import HeadBus
 from app.queue.dispatch import LocalDispatcher
@@ -29,14 +30,17 @@ from app.versions.live import LiveWeights, Prepared
 from app.versions.materialise import BaseWeights, Materialiser
 from app.versions.store import BlobCorrupted, BlobStore
 from workers.editing.editor import Editor
+from workers.editing.health import Health, guard_problem, load_canaries, measure, probe
 from workers.editing.model import LoadedModel, load_model
 from workers.editing.requests import EditRequest
 from workers.editing.result import EditResult
 from workers.editing.scoring import answers_already
 from workers.editors import make_editor
+from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 _MAX_REBASES = 3
+_MAX_PROBES = 16  # edits of one batch probed before/after: bounds the cost of a large batch
 
 
 def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,6 +73,9 @@ class EditWorker:
         self.catalog = Catalog()
         self.editor_state: dict[str, torch.Tensor] = {}
         self.lock = threading.Lock()  # lifelong editing is sequential: one job at a time
+        self.canaries = load_canaries(settings.canaries_path)
+        self.health_by_version: dict[int, Health] = {}
+        self.heartbeat = Heartbeat(factory, interval=settings.heartbeat_interval)
 
     def _new_editor(self) -> Editor:
         return make_editor(self.settings.editor, self.loaded.model, self.loaded.tokenizer)
@@ -100,6 +107,14 @@ class EditWorker:
         except BlobCorrupted as error:
             log.error("the worker cannot load the head version: %s", error)
 
+    def start(self) -> None:
+        """Ready for jobs: at the head (if readable), its health known, the heartbeat saying so."""
+        self.sync_at_start()
+        version = self.live.version  # the head, or where the weights stayed if it was unreadable
+        self.health_at(version)
+        self.heartbeat.state = {"state": "idle", "version": version}
+        self.heartbeat.start()
+
     def _abandon(self, changed: list[str]) -> None:
         """Undo an edit that reached the weights but not the database, bit for bit."""
         self.live.restore(changed)
@@ -116,18 +131,64 @@ class EditWorker:
 
     def process(self, job_id: int) -> str | None:
         """Run edit job ``job_id``; returns the final status, None if there was nothing to do."""
-        with self.lock:
+        with self.lock, edit_context(job_id, self.live.version):
             if self.lease is not None:
                 self.lease.check()  # raises: the edit stays queued for the lease's holder
             edits = jobs.claim(self.factory, job_id)
             if not edits:
                 return None
+            log.info("edit job %s claimed (%d edits)", job_id, len(edits))
+            self.heartbeat.set(state="editing", edit_id=job_id, version=self.live.version)
             started = time.perf_counter()
-            status = self._run(edits)
+            try:
+                status = self._run(edits)
+            finally:
+                self.heartbeat.set(state="idle", version=self.live.version)
             metrics.EDITS_FINISHED.labels(status=status).inc()
             if status == EditStatus.applied:
                 metrics.EDIT_SECONDS.observe(time.perf_counter() - started)
+            log.info("edit job %s %s in %.2fs", job_id, status, time.perf_counter() - started)
             return status
+
+    # -- model health and the edit guard ------------------------------------------------
+
+    def _measure(self) -> Health:
+        lm = self.loaded
+        return measure(
+            lm.model, lm.tokenizer, self.canaries, text_tokens=self.settings.health_text_tokens
+        )
+
+    def health_at(self, version: int) -> Health:
+        """Health of the weights now held, which are ``version``'s; measured once per version."""
+        if version not in self.health_by_version:
+            health = self._measure()
+            jobs.record_health(self.factory, version, health.public())
+            self.health_by_version[version] = health
+        return self.health_by_version[version]
+
+    def _probe(self, requests: list[EditRequest]) -> list[dict[str, Any]]:
+        if not self.settings.probe_tokens:
+            return []
+        some = requests[:_MAX_PROBES]
+        found = probe(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            [r.text for r in some],
+            [r.target_new for r in some],
+            [r.ground_truth for r in some],
+            max_new_tokens=self.settings.probe_tokens,
+        )
+        return [vars(p) for p in found]
+
+    def _guard(self, before: Health, after: Health) -> str | None:
+        if not self.settings.edit_guard:
+            return None
+        return guard_problem(
+            before,
+            after,
+            max_canaries_broken=self.settings.guard_max_canaries_broken,
+            max_perplexity_ratio=self.settings.guard_max_perplexity_ratio,
+        )
 
     def _run(self, edits: list[Edit]) -> str:
         try:
@@ -138,20 +199,38 @@ class EditWorker:
             changed: list[str] = []
             try:
                 base = self.sync()
+                set_version(base)
                 nothing_to_do = self._already_answered(requests, base)
                 if nothing_to_do:
-                    return self._finish(edits, EditStatus.rejected, nothing_to_do)
+                    return self._reject(edits, nothing_to_do, {})
+                before = self.health_at(base)
+                probes_before = self._probe(requests)
                 result, prepared, changed = self._edit(requests, base)
+                summary = result.summary()
                 if not result.success and self.settings.reject_unsuccessful:
                     self._abandon(changed)
-                    return self._finish(
+                    return self._reject(
                         edits,
-                        EditStatus.rejected,
                         "edit did not take: the target is not the top prediction on every "
                         "observation, so the weights were left unchanged",
-                        result.summary(),
+                        summary,
                     )
-                version = self._commit(edits, base, result, prepared)
+                checked = time.perf_counter()
+                after = self._measure()
+                summary["health"] = {"before": before.public(), "after": after.public()}
+                problem = self._guard(before, after)
+                summary["guard_seconds"] = round(time.perf_counter() - checked, 4)
+                if problem:
+                    self._abandon(changed)
+                    return self._reject(
+                        edits, f"edit guard: {problem}; the weights were left unchanged", summary
+                    )
+                probes = zip(probes_before, self._probe(requests), strict=True)
+                per_edit = {
+                    e.id: {"probe": {"before": b, "after": a}}
+                    for e, (b, a) in zip(edits, probes, strict=False)
+                }
+                version = self._commit(edits, base, result, prepared, after, summary, per_edit)
             except HeadMoved:
                 log.info("head moved during edit %s; editing again on the new head", edits[0].id)
                 self._abandon(changed)
@@ -200,7 +279,13 @@ class EditWorker:
             self._abandon(changed)
             raise
         result.seconds = time.perf_counter() - started
+        for delta in result.deltas:  # every editor's log shows ‖ΔW‖, whether it reports it or not
+            result.delta_norm.setdefault(delta.name, round(delta.norm(), 6))
         return result, prepared, changed
+
+    def _reject(self, edits: list[Edit], reason: str, summary: dict[str, Any]) -> str:
+        log.warning("edit job %s rejected: %s", edits[0].id, reason)
+        return self._finish(edits, EditStatus.rejected, reason, summary)
 
     def _finish(
         self,
@@ -212,7 +297,16 @@ class EditWorker:
         jobs.finish(self.factory, edits, status, error=error, metrics=summary)
         return status
 
-    def _commit(self, edits: list[Edit], base: int, result: EditResult, prepared: Prepared) -> int:
+    def _commit(
+        self,
+        edits: list[Edit],
+        base: int,
+        result: EditResult,
+        prepared: Prepared,
+        health: Health,
+        summary: dict[str, Any],
+        per_edit: dict[int, dict[str, Any]],
+    ) -> int:
         draft = prepared.path[-1]
         new_state = _clone(self.editor.state_dict())
         full_state = needs_full_state(self.live.path, self.settings.state_keyframe_every)
@@ -237,8 +331,12 @@ class EditWorker:
             state_full=state_full,
             blobs=blobs,
             layers=result.selected_layers,
-            metrics=result.summary(),
+            metrics=summary,
+            health=health.public(),
+            per_edit=per_edit,
         )
+        self.health_by_version[version] = health
+        set_version(version)
         info = VersionInfo(
             id=version,
             parent=base,

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import require_scope
 from app.api.deps import RuntimeDep, SessionDep
+from app.api_runtime import ApiRuntime
 from app.db.models import Version
 from app.schemas.ids import MAX_ID
 from app.schemas.versions import RollbackCreate, RollbackPublic, VersionList, VersionPublic
@@ -57,20 +58,23 @@ def version(
     return version_public(session, row, get_head(session))
 
 
-@router.post("/v1/rollback", response_model=RollbackPublic, dependencies=RollBack)
-async def rollback(body: RollbackCreate, runtime: RuntimeDep) -> dict[str, object]:
+def rollback_now(runtime: ApiRuntime, version: int) -> dict[str, object]:
+    """Move the head, switch this process before answering (so its next generation serves the
+    new head), and tell the others. Used by /v1/rollback and the dashboard."""
     serving = runtime.serving
     # Read the target first: a version whose blobs are missing or corrupt never becomes head.
     try:
-        prepared = await run_in_threadpool(serving.prepare, body.version)
+        prepared = serving.prepare(version)
     except KeyError:
-        raise NotFound(f"version {body.version} does not exist") from None
+        raise NotFound(f"version {version} does not exist") from None
     except BlobCorrupted as error:
-        raise Conflict(f"version {body.version} cannot be served: {error}") from None
-    result = await run_in_threadpool(
-        rollback_service.rollback, runtime.infra.factory, serving.catalog, body.version
-    )
-    # Switch this process before answering, so the next generation here serves the new head.
-    result["serving"] = await run_in_threadpool(serving.sync_to_head, prepared)
-    runtime.infra.bus.publish(body.version)
+        raise Conflict(f"version {version} cannot be served: {error}") from None
+    result = rollback_service.rollback(runtime.infra.factory, serving.catalog, version)
+    result["serving"] = serving.sync_to_head(prepared)
+    runtime.infra.bus.publish(version)
     return result
+
+
+@router.post("/v1/rollback", response_model=RollbackPublic, dependencies=RollBack)
+async def rollback(body: RollbackCreate, runtime: RuntimeDep) -> dict[str, object]:
+    return await run_in_threadpool(rollback_now, runtime, body.version)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import limits
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LOKID_"
@@ -68,6 +68,33 @@ class Settings(BaseSettings):
     # window, in the `limits` library's notation; "off" turns it off. Counted per API process.
     rate_limit: str = "100/2 seconds"
 
+    # Edit guard and model health, measured by the worker after every edit (see
+    # workers/editing/health.py). Canaries: a JSON list of {prompt, answer} the base model knows.
+    canaries: Path | None = None  # None = the bundled workers/editing/data/canaries.json
+    health_text_tokens: int = Field(default=96, ge=16, le=8192)
+    edit_guard: bool = True
+    # Share of the canaries the model answered before an edit that it may get wrong after it.
+    guard_max_canaries_broken: float = Field(default=0.25, ge=0.0, le=1.0)
+    # Fixed-text perplexity after an edit may be at most this multiple of the one before it.
+    guard_max_perplexity_ratio: float = Field(default=1.10, ge=1.0, le=100.0)
+    # Greedy tokens generated from each edit's prompt before and after it (0: do not probe).
+    probe_tokens: int = Field(default=8, ge=0, le=256)
+    heartbeat_interval: float = Field(default=5.0, gt=0, le=3600)
+
+    # Logs: one JSON object per line (edit id and version on every line about an edit) or text.
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Admin dashboard sessions: signed cookies; the secret is read from (or created in) the
+    # file unless given, so every API process on one volume accepts the same sessions.
+    session_secret: SecretStr | None = None
+    session_secret_file: Path = Path("./var/session-secret")
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 90)
+    # Secure cookies are sent over HTTPS only: turn on behind TLS.
+    cookie_secure: bool = False
+    # Print a new admin key at start-up when the database holds none (first `make run`).
+    bootstrap_admin_key: bool = True
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
@@ -93,6 +120,23 @@ class Settings(BaseSettings):
             return "bundled"
         if not (Path(value) / "config.json").is_file():
             raise ValueError(f"{value!r} is not a Hugging Face model directory (no config.json)")
+        return value
+
+    @field_validator("canaries")
+    @classmethod
+    def _canaries(cls, value: Path | None) -> Path | None:
+        if value in (None, Path("")):
+            return None
+        from workers.editing.health import load_canaries
+
+        load_canaries(value)  # refuses a missing or malformed file, naming the problem
+        return value
+
+    @field_validator("session_secret")
+    @classmethod
+    def _session_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (or unset: a file is created)")
         return value
 
     @field_validator("device")
@@ -133,6 +177,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No Redis: dispatch in-process and run the worker on a thread of the API process."""
         return self.redis_url is None
+
+    @property
+    def canaries_path(self) -> Path:
+        from workers.editing.health import DEFAULT_CANARIES
+
+        return self.canaries or DEFAULT_CANARIES
 
     @property
     def is_sqlite(self) -> bool:

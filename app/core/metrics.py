@@ -26,6 +26,15 @@ HEAD_SWITCH_SECONDS = Histogram(
 )
 GENERATED_TOKENS = Counter("lokid_generated_tokens_total", "Tokens generated", ["endpoint"])
 GENERATION_SECONDS = Histogram(
-    "lokid_generation_seconds", "Seconds per generation request", ["endpoint"]
+    "lokid_generation_seconds",
+    "Seconds per generation request",
+    ["endpoint"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
 )
 ROLLBACKS = Counter("lokid_rollbacks_total", "Rollbacks performed")
+GENERATION_TOKENS_PER_SECOND = Histogram(
+    "lokid_generation_tokens_per_second",
+    "Generated tokens per second of one request",
+    ["endpoint"],
+    buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640),
+)

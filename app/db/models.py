@@ -86,6 +86,8 @@ class Version(Base):
     # True when the editor-state blob holds every tensor in full (no appends to the parent's).
     state_full: Mapped[bool] = mapped_column(default=True)
     bytes_stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Canary accuracy and fixed-text perplexity the worker measured at this version.
+    health: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class VersionBlob(Base):
@@ -135,4 +137,5 @@ class ApiKey(Base):
 
 
 HEAD_KEY = "head"
+WORKER_KEY = "worker"  # the edit worker's last heartbeat (JSON)
 BASE_MODEL_KEY = "base_model"

@@ -148,7 +148,9 @@ def submit(
     try:
         dispatcher.enqueue(job_id)
     except Exception:  # the row is committed; the reconciler dispatches it later
-        log.warning("could not dispatch edit job %s now", job_id, exc_info=True)
+        log.warning(
+            "could not dispatch edit job %s now", job_id, exc_info=True, extra={"edit_id": job_id}
+        )
     metrics.EDITS_SUBMITTED.inc(len(ids))
     edits = [
         Edit(id=i, batch_id=job_id if batch else None, version=None, **row)

@@ -63,6 +63,8 @@ def commit_version(
     blobs: dict[str, tuple[str, int]],
     layers: list[int],
     metrics: dict[str, Any],
+    health: dict[str, Any] | None = None,
+    per_edit: dict[int, dict[str, Any]] | None = None,
 ) -> int:
     """One transaction: the version row and its blobs, the edits applied, the head moved.
 
@@ -77,22 +79,36 @@ def commit_version(
             keyframes=keyframes,
             state_full=state_full,
             bytes_stored=sum(size for _, size in blobs.values()),
+            health=health,
         )
         session.add(version)
         session.flush()
         for kind, (sha, size) in blobs.items():
             session.add(VersionBlob(version_id=version.id, kind=kind, sha256=sha, bytes=size))
         move_head(session, version.id, expected=parent)
-        session.execute(
-            update(Edit)
-            .where(Edit.id.in_([e.id for e in edits]))
-            .values(
-                status=EditStatus.applied,
-                version=version.id,
-                finished_at=utcnow(),
-                error=None,
-                layers=layers,
-                metrics=metrics,
+        now = utcnow()
+        for edit in edits:  # one row each: an edit's own probe joins the job's metrics
+            own = {**metrics, **(per_edit or {}).get(edit.id, {})}
+            session.execute(
+                update(Edit)
+                .where(Edit.id == edit.id)
+                .values(
+                    status=EditStatus.applied,
+                    version=version.id,
+                    finished_at=now,
+                    error=None,
+                    layers=layers,
+                    metrics=own,
+                )
             )
-        )
         return version.id
+
+
+def record_health(factory: sessionmaker[Session], version: int, health: dict[str, Any]) -> None:
+    """Health measured for a version that has none yet (the base model's, on first start)."""
+    with factory() as session, session.begin():
+        session.execute(
+            update(Version)
+            .where(Version.id == version, Version.health.is_(None))
+            .values(health=health)
+        )

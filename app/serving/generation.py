@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 from app.core import metrics
 from app.services.limits import Limits
 from app.serving.resident import ServingModel
+from app.serving.stats import GenerationStats
 
 
 @dataclass
@@ -97,6 +98,14 @@ class Generator:
         self.limits = limits
         self.tokenizer = serving.loaded.tokenizer
         self.model = serving.loaded.model
+        self.stats = GenerationStats()
+
+    def _observe(self, endpoint: str, tokens: int, seconds: float) -> None:
+        metrics.GENERATION_SECONDS.labels(endpoint=endpoint).observe(seconds)
+        metrics.GENERATED_TOKENS.labels(endpoint=endpoint).inc(tokens)
+        if seconds > 0:
+            metrics.GENERATION_TOKENS_PER_SECOND.labels(endpoint=endpoint).observe(tokens / seconds)
+        self.stats.record(tokens, seconds)
 
     def encode(self, prompt: str, max_new_tokens: int) -> torch.Tensor:
         # No special tokens: edits are made and scored on the raw prompt text.
@@ -154,12 +163,24 @@ class Generator:
         ids = self.encode(prompt, params.max_new_tokens).to(self.serving.loaded.device)
         started = time.perf_counter()
         with self.serving.reading() as version:
-            out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **self._kwargs(params)
-            )
+            return self._complete(ids, params, version, endpoint, started)
+
+    @torch.inference_mode()
+    def complete_held(
+        self, prompt: str, params: GenParams, version: int, *, endpoint: str
+    ) -> GenOutput:
+        """``complete`` for a caller that already holds ``version``'s weights."""
+        ids = self.encode(prompt, params.max_new_tokens).to(self.serving.loaded.device)
+        return self._complete(ids, params, version, endpoint, time.perf_counter())
+
+    def _complete(
+        self, ids: torch.Tensor, params: GenParams, version: int, endpoint: str, started: float
+    ) -> GenOutput:
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), **self._kwargs(params)
+        )
         new_ids = out[0, ids.shape[1] :].tolist()
-        metrics.GENERATION_SECONDS.labels(endpoint=endpoint).observe(time.perf_counter() - started)
-        metrics.GENERATED_TOKENS.labels(endpoint=endpoint).inc(len(new_ids))
+        self._observe(endpoint, len(new_ids), time.perf_counter() - started)
         return self._finish(new_ids, ids.shape[1], version, params)
 
     def stream(
@@ -196,6 +217,7 @@ class Generator:
                 self.serving.lock.release_read()
 
         thread = threading.Thread(target=run, name="lokid-generate", daemon=True)
+        started = time.perf_counter()
         thread.start()
         new_ids: list[int] = []
         sent = ""
@@ -219,7 +241,7 @@ class Generator:
             if errors:
                 raise errors[0]
             final = self._finish(new_ids, ids.shape[1], version, params)
-            metrics.GENERATED_TOKENS.labels(endpoint=endpoint).inc(len(new_ids))
+            self._observe(endpoint, len(new_ids), time.perf_counter() - started)
             yield Chunk(final.text[len(sent) :], version, final)
         finally:
             cancel.set()

@@ -100,6 +100,22 @@ class ServingModel:
         raise error
 
     @contextmanager
+    def borrowed(self, version: int) -> Iterator[int]:
+        """Hold ``version``'s weights exclusively (the playground's earlier version): it is put
+        in under the write lock and the served version's exact values put back afterwards, so
+        generation pauses for as long as the caller holds it."""
+        with self._switch:
+            with self.factory() as session:
+                path = self.catalog.path(session, version)
+            prepared = self.live.prepare(path)
+            with self.lock.write():
+                changed = self.live.preview(prepared)
+                try:
+                    yield version
+                finally:
+                    self.live.restore(changed)
+
+    @contextmanager
     def reading(self) -> Iterator[int]:
         """Hold the weights of one version; yields that version's id."""
         with self.lock.read():

@@ -32,6 +32,8 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Overridable so two checkouts can run their suites side by side without flushing each other.
 REDIS_URL = os.environ.get("LOKID_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 RANK_ONE = "tests.service.rank_one:RankOneEditor"
+# What a served lokid does by default, for tests of the edit guard and the dashboard's probes.
+GUARDED = {"edit_guard": True, "probe_tokens": 8}
 
 # The test machine's two cores are shared; oversubscribed OpenMP threads spin on each other.
 torch.set_num_threads(1)
@@ -137,6 +139,12 @@ def start_server(
         "database_url": f"sqlite:///{tmp}/lokid.db",
         "redis_url": None,
         "version_store": tmp / "versions",
+        "session_secret_file": tmp / "session-secret",
+        # The rank-one test editor's crude edits often break canary facts, so the edit guard
+        # would reject edits that plumbing tests need applied; the guard's and the dashboard's
+        # tests turn it (and the before/after probes, ~1 s an edit) back on.
+        "edit_guard": False,
+        "probe_tokens": 0,
     }
     settings = load_settings(**{**defaults, **overrides})
     serving, worker = models

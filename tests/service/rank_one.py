@@ -108,3 +108,19 @@ class FailingEditor(RankOneEditor):
 
     def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
         raise RuntimeError("boom: editor state update failed")
+
+
+class ScramblingEditor(RankOneEditor):
+    """Makes its edit and also scrambles another layer's MLP: what the edit guard must stop."""
+
+    method = "scrambling-test"
+
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        result = super().compute(requests)
+        module, name = arch.down_proj(self.model, 2), arch.down_proj_name(self.model, 2)
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(module.out_features, 16, generator=generator)
+        b = torch.randn(16, module.in_features, generator=generator)
+        scale = float(module.weight.norm()) / float((a @ b).norm())  # as large as W itself
+        result.deltas.append(MatrixDelta(name, a=a * scale, b=b))
+        return result
