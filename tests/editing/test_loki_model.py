@@ -115,3 +115,17 @@ def test_failed_edit_leaves_weights_unchanged(
         editor.apply([EDIT])
     params = dict(loaded_model.model.named_parameters())
     assert all(torch.allclose(params[n], v, atol=1e-6) for n, v in before.items())
+
+
+def test_layer_choice_accepts_a_rephrasing_without_the_subject(editor: LokiEditor) -> None:
+    # a rephrasing may name the subject differently; it still counts as an observation
+    request = EditRequest(
+        prompt=EDIT.prompt,
+        subject=EDIT.subject,
+        target_new=EDIT.target_new,
+        rephrase_prompts=("That iron lattice tower in France stands in the city of",),
+    )
+    scores, chosen, context_keys = editor._select_layers([request], editor.contexts())
+    assert set(scores) == set(editor.layers)
+    assert len(chosen) == editor.config.top_k
+    assert all(len(context_keys[layer]) > 0 for layer in chosen)

@@ -187,8 +187,11 @@ class LokiEditor(Editor):
     ) -> tuple[dict[int, float], list[int], dict[int, torch.Tensor]]:
         """HSIC scores of every candidate, the chosen layers, and their context-token keys."""
         prompts = contextual_prompts(requests, contexts)
-        prompts += [p for req in requests for p in req.rephrase_prompts]
-        subjects = [next(r.subject for r in requests if r.subject in p) for p in prompts]
+        subjects: list[str | None] = [req.subject for req in requests for _ in contexts]
+        for req in requests:
+            # a rephrasing may name the subject differently: no subject token to mark then
+            prompts += req.rephrase_prompts
+            subjects += [req.subject if req.subject in p else None for p in req.rephrase_prompts]
         batch = build_batch(self.tokenizer, prompts, [""] * len(prompts), subjects).to(self.device)
         mask = batch.attention_mask.bool()
         with self._capture() as keys:
@@ -213,8 +216,10 @@ class LokiEditor(Editor):
         # this, "The capital of Japan is the city of" answered "Rome" after the Eiffel Tower
         # edit: the subject key shares "…the city of" directions with every such prompt.
         other = mask.clone()
-        rows = torch.arange(len(prompts), device=self.device)
-        other[rows, torch.tensor(batch.subject_last, device=self.device)] = False
+        marked = [(r, pos) for r, pos in enumerate(batch.subject_last) if pos >= 0]
+        if marked:
+            rows, cols = zip(*marked, strict=True)
+            other[list(rows), list(cols)] = False
         context_keys = {layer: keys[layer][other].float() for layer in chosen}
         return scores, chosen, context_keys
 
