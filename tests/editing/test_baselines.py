@@ -21,13 +21,13 @@ from workers.editing.baselines import (
     TargetValueConfig,
 )
 from workers.editing.baselines.alphaedit import alphaedit_update, null_space_projector
-from workers.editing.baselines.keys import read_at_subject
 from workers.editing.baselines.memit import memit_update
-from workers.editing.baselines.targets import targets_top1
 from workers.editing.delta import MatrixDelta
+from workers.editing.keys import read_at_subject
 from workers.editing.model import LoadedModel
 from workers.editing.requests import EditRequest
 from workers.editing.stats import key_second_moments
+from workers.editing.targets import targets_top1
 
 # CounterFact train records 1 and 0: the unedited model gives each target P < 1e-3. FT-L
 # cannot make Sweden top-1 for Madrid within its bound, so its test edits Yasuda.
@@ -134,6 +134,31 @@ def test_second_moments_are_cached_per_model_layer_and_sample_count(
     again = key_second_moments(lm.model, lm.tokenizer, [2], max_tokens=300, cache_dir=tmp_path)
     assert torch.equal(first[2], again[2])
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_self_sampled_moments_are_deterministic_and_cached_apart_from_the_text_ones(
+    lm: LoadedModel, tmp_path: Path
+) -> None:
+    first = key_second_moments(
+        lm.model, lm.tokenizer, [2], max_tokens=32, cache_dir=tmp_path, source="self"
+    )
+    [path] = list(tmp_path.iterdir())
+    assert path.name.startswith("smollm2-135m-instruct-self-layer2-n")
+    stats._memo.clear()
+    cached = key_second_moments(
+        lm.model, lm.tokenizer, [2], max_tokens=32, cache_dir=tmp_path, source="self"
+    )
+    assert torch.equal(first[2], cached[2])
+    path.unlink()
+    stats._memo.clear()
+    resampled = key_second_moments(
+        lm.model, lm.tokenizer, [2], max_tokens=32, cache_dir=tmp_path, source="self"
+    )
+    assert torch.equal(first[2], resampled[2])  # seeded sampling: the same text again
+    text = key_second_moments(lm.model, lm.tokenizer, [2], max_tokens=300, cache_dir=tmp_path)
+    assert not torch.allclose(text[2], first[2])
+    with pytest.raises(ValueError, match="source"):
+        key_second_moments(lm.model, lm.tokenizer, [2], source="wiki")
 
 
 def test_memit_update_is_low_rank_and_solves_the_normal_equations(

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workers.editing.baselines.alphaedit import alphaedit_update
 from workers.editing.delta import MatrixDelta
 from workers.editing.hsic import bottleneck_scores, nhsic
 from workers.editing.loki import LokiConfig
-from workers.editing.nullspace import Projector, orthonormal_extend, weight_input_basis
+from workers.editing.nullspace import (
+    Projector,
+    energy_basis,
+    orthonormal_extend,
+    weight_input_basis,
+)
 from workers.editing.requests import EditRequest
 
 
@@ -57,6 +63,52 @@ def test_projector_is_idempotent_and_annihilates_protected_keys() -> None:
     assert proj.apply(weight).abs().max() < 1e-4
     free = torch.randn(3, 48, generator=gen)
     assert 0.2 < proj.ratio(free) < 1.0
+
+
+def test_ridge_update_equals_the_dense_alphaedit_solve_and_stays_in_the_null_space() -> None:
+    gen = torch.Generator().manual_seed(6)
+    d = 40
+    q = orthonormal_extend(None, torch.randn(12, d, generator=gen, dtype=torch.float64), 1e-9)
+    proj = Projector(torch.linalg.qr(q.double()).Q)  # orthonormal to fp64 precision
+    keys = torch.randn(d, 2, generator=gen, dtype=torch.float64)
+    share = torch.randn(7, 2, generator=gen, dtype=torch.float64)
+    past = torch.randn(9, d, generator=gen, dtype=torch.float64)
+    a, b = proj.ridge_update(keys, share, past, 10.0)
+    fast = a @ b
+    dense = alphaedit_update(keys, share, proj.matrix(), past, 10.0)
+    assert torch.allclose(fast, dense[0] @ dense[1], atol=1e-10)
+    assert torch.allclose(fast @ proj.matrix(), fast, atol=1e-10)
+    with_no_past = proj.ridge_update(keys, share, past[:0], 10.0)
+    assert not torch.allclose(with_no_past[0] @ with_no_past[1], fast, atol=1e-3)
+
+
+def test_ridge_update_with_a_prior_solves_the_regularised_normal_equations() -> None:
+    gen = torch.Generator().manual_seed(7)
+    d = 30
+    q = torch.linalg.qr(torch.randn(d, 8, generator=gen, dtype=torch.float64)).Q
+    proj = Projector(q)
+    p = proj.matrix()
+    keys = torch.randn(d, 1, generator=gen, dtype=torch.float64)
+    share = torch.randn(5, 1, generator=gen, dtype=torch.float64)
+    past = torch.randn(4, d, generator=gen, dtype=torch.float64)
+    half = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    prior = half @ half.T
+    _, b = proj.ridge_update(keys, share, past, 3.0, prior)
+    gram = keys @ keys.T + past.T @ past + prior
+    expected = torch.linalg.solve(p @ gram @ p + 3.0 * torch.eye(d, dtype=torch.float64), p @ keys)
+    assert torch.allclose(b, expected.T, atol=1e-10)
+    assert torch.allclose(b @ p, b, atol=1e-10)  # the change still acts only on editable keys
+    plain = proj.ridge_update(keys, share, past, 3.0)[1]
+    # the prior shrinks the change along the directions it weighs
+    assert float((b @ half).norm()) < float((plain @ half).norm())
+
+
+def test_energy_basis_keeps_the_directions_holding_the_asked_share() -> None:
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(8))).Q
+    moment = basis @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.3, 0.2])) @ basis.T
+    top = energy_basis(moment, 0.85)  # 5 + 3 = 80% < 85% <= 90%: three directions
+    assert top.shape == (6, 3)
+    assert torch.allclose((top @ top.T) @ basis[:, :3], basis[:, :3], atol=1e-5)
 
 
 def test_orthonormal_extend_skips_directions_already_protected() -> None:

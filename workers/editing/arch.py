@@ -6,6 +6,9 @@ key the DESIGN talks about, its weight is ``d_model x d_ff`` like an ``nn.Linear
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -67,6 +70,23 @@ def down_proj_name(model: PreTrainedModel, layer: int) -> str:
     """The state-dict name of the layer's down-projection weight."""
     blocks_path, proj_path = _layout(model)
     return f"{blocks_path}.{layer}.{proj_path}.weight"
+
+
+@contextmanager
+def only_blocks_from(model: PreTrainedModel, first: int) -> Iterator[None]:
+    """While open, the decoder runs blocks ``first..`` only; feed it ``inputs_embeds`` = the
+    residual stream entering block ``first``. The same modules, no copy. Whether the rest of
+    the forward treats ``inputs_embeds`` as a plain residual (no scaling, no added positions)
+    depends on the architecture: callers check the result against a full forward."""
+    blocks_path, _ = _layout(model)
+    owner_path, _, attr = blocks_path.rpartition(".")
+    owner = _get(model, owner_path) if owner_path else model
+    full = getattr(owner, attr)
+    setattr(owner, attr, nn.ModuleList(list(full)[first:]))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, full)
 
 
 def input_embeddings(model: PreTrainedModel) -> nn.Module:

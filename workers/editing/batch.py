@@ -9,6 +9,19 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as (ids, mask), padded on the left so every row ends at the last column:
+    what ``generate`` needs for all rows to continue together."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(list(r))
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 @dataclass
 class PromptBatch:
     """``prompt + target`` token rows; the logits before each target token predict it."""

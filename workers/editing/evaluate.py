@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from workers.editing.batch import left_padded
 from workers.editing.datasets import EvalRecord
 from workers.editing.scoring import target_logprobs
 
@@ -260,13 +261,8 @@ def greedy_generations(
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        encoded = [list(_encode(tokenizer, p)) for p in chunk]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            ids[i, width - len(e) :] = torch.tensor(e)  # left padding: all prompts end together
-            mask[i, width - len(e) :] = 1
+        ids, mask = left_padded([_encode(tokenizer, p) for p in chunk], pad)
+        width = ids.shape[1]
         generated = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),

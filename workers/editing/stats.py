@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.arch import down_proj
+from workers.editing.selftext import self_text_chunks, self_text_id, self_text_length
 
 TEXT_PATH = Path(__file__).parent / "data" / "k0_text.txt"
 CHUNK_TOKENS = 128
@@ -95,10 +96,9 @@ def _collect(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     layers: Sequence[int],
-    max_tokens: int,
+    chunks: list[list[int]],
 ) -> tuple[dict[int, torch.Tensor], int]:
     device = next(model.parameters()).device
-    chunks = text_chunks(tokenizer, max_tokens)
     if not chunks:
         raise ValueError(f"stats: no text in {TEXT_PATH}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -137,6 +137,9 @@ def _collect(
     return {layer: (s / count).float().cpu() for layer, s in sums.items()}, count
 
 
+SOURCES = ("text", "self")
+
+
 def key_second_moments(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -144,16 +147,28 @@ def key_second_moments(
     *,
     max_tokens: int = DEFAULT_TOKENS,
     cache_dir: Path | None = None,
+    source: str = "text",
 ) -> dict[int, torch.Tensor]:
-    """layer -> E[k kᵀ] (d_ff × d_ff, fp32, CPU), read from ``var/stats`` when cached there."""
+    """layer -> E[k kᵀ] (d_ff × d_ff, fp32, CPU), read from ``var/stats`` when cached there.
+
+    ``source``: "text" reads the shipped prose (the baselines' K₀); "self" samples ``max_tokens``
+    tokens from the model itself (``workers.editing.selftext``, LOKI's stand-in for a corpus).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source: must be one of {SOURCES}, got {source!r}")
     root = cache_dir or default_stats_dir()
-    name, sha = model_key(model), _text_sha()
-    n_tokens = sum(len(c) for c in text_chunks(tokenizer, max_tokens))
+    name = model_key(model)
+    if source == "text":
+        sha, tag = _text_sha(), ""
+        n_tokens = sum(len(c) for c in text_chunks(tokenizer, max_tokens))
+    else:
+        sha, tag = self_text_id(), "-self"
+        n_tokens = self_text_length(tokenizer, max_tokens)
     out: dict[int, torch.Tensor] = {}
     missing: list[int] = []
     for layer in layers:
-        memo_key = (name, layer, n_tokens, sha)
-        path = root / f"{name}-layer{layer}-n{n_tokens}.safetensors"
+        memo_key = (name + tag, layer, n_tokens, sha)
+        path = root / f"{name}{tag}-layer{layer}-n{n_tokens}.safetensors"
         if memo_key in _memo:
             out[layer] = _memo[memo_key]
         elif path.is_file() and _cached_sha(path) == sha:
@@ -161,12 +176,17 @@ def key_second_moments(
         else:
             missing.append(layer)
     if missing:
-        moments, count = _collect(model, tokenizer, missing, max_tokens)
+        chunks = (
+            text_chunks(tokenizer, max_tokens)
+            if source == "text"
+            else self_text_chunks(model, tokenizer, max_tokens)
+        )
+        moments, count = _collect(model, tokenizer, missing, chunks)
         root.mkdir(parents=True, exist_ok=True)
         for layer, moment in moments.items():
-            path = root / f"{name}-layer{layer}-n{count}.safetensors"
+            path = root / f"{name}{tag}-layer{layer}-n{count}.safetensors"
             _save_atomic(path, moment, {"tokens": str(count), "text_sha256": sha})
-            out[layer] = _memo[(name, layer, count, sha)] = moment
+            out[layer] = _memo[(name + tag, layer, count, sha)] = moment
     return out
 
 

@@ -7,9 +7,9 @@
 """
 
 from workers.editing.baselines.alphaedit import AlphaEditConfig, AlphaEditEditor
-from workers.editing.baselines.config import TargetValueConfig
 from workers.editing.baselines.ft import FTConfig, FTEditor
 from workers.editing.baselines.memit import MemitConfig, MemitEditor
+from workers.editing.target_value import TargetValueConfig
 
 __all__ = [
     "AlphaEditConfig",

@@ -24,19 +24,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.arch import down_proj, down_proj_name
 from workers.editing.baselines.base import BaselineEditor
-from workers.editing.baselines.config import (
-    TargetValueConfig,
-    check_layers,
-    check_layers_fit,
-    check_positive,
-)
-from workers.editing.baselines.keys import read_at_subject
-from workers.editing.baselines.spread import spread_over_layers
-from workers.editing.baselines.target_value import optimise_target_values
 from workers.editing.contexts import context_templates
+from workers.editing.keys import read_at_subject
 from workers.editing.requests import EditRequest
 from workers.editing.result import EditResult
+from workers.editing.spread import spread_over_layers
 from workers.editing.stats import key_second_moments
+from workers.editing.target_value import TargetValueConfig, optimise_target_values
+from workers.editing.validation import check_layers, check_layers_fit, check_positive
 
 _STATE_KEY = re.compile(r"^cached_keys\.layer(\d+)$")
 

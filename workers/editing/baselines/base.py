@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.arch import down_proj_name
-from workers.editing.baselines.hooks import applied
-from workers.editing.baselines.targets import targets_top1
 from workers.editing.delta import MatrixDelta
 from workers.editing.editor import Editor
+from workers.editing.hooks import applied
 from workers.editing.requests import EditRequest
 from workers.editing.result import EditResult, LayerScore
+from workers.editing.targets import targets_top1
 
 
 class BaselineEditor(Editor):

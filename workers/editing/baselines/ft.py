@@ -15,18 +15,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.arch import down_proj, down_proj_name
 from workers.editing.baselines.base import BaselineEditor
-from workers.editing.baselines.config import (
+from workers.editing.batch import build_batch
+from workers.editing.delta import MatrixDelta
+from workers.editing.hooks import logits_at, output_hooks
+from workers.editing.requests import EditRequest
+from workers.editing.result import EditResult
+from workers.editing.targets import TargetIndex
+from workers.editing.validation import (
     check_count,
     check_layers,
     check_layers_fit,
     check_positive,
 )
-from workers.editing.baselines.hooks import logits_at, output_hooks
-from workers.editing.baselines.targets import TargetIndex
-from workers.editing.batch import build_batch
-from workers.editing.delta import MatrixDelta
-from workers.editing.requests import EditRequest
-from workers.editing.result import EditResult
 
 
 @dataclass(frozen=True)

@@ -17,18 +17,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.baselines.base import BaselineEditor
-from workers.editing.baselines.config import (
-    TargetValueConfig,
-    check_layers,
-    check_layers_fit,
-    check_positive,
-)
-from workers.editing.baselines.spread import spread_over_layers
-from workers.editing.baselines.target_value import optimise_target_values
 from workers.editing.contexts import context_templates
 from workers.editing.requests import EditRequest
 from workers.editing.result import EditResult
+from workers.editing.spread import spread_over_layers
 from workers.editing.stats import key_second_moments
+from workers.editing.target_value import TargetValueConfig, optimise_target_values
+from workers.editing.validation import check_layers, check_layers_fit, check_positive
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.arch import down_proj_name
-from workers.editing.baselines.hooks import applied
-from workers.editing.baselines.keys import read_at_subject
 from workers.editing.delta import MatrixDelta
+from workers.editing.hooks import applied
+from workers.editing.keys import read_at_subject
 from workers.editing.requests import EditRequest
 
 # (layer, keys (d_ff, n), residual share (d_model, n)) -> (a (d_model, n), b (n, d_ff))

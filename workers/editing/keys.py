@@ -10,8 +10,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.arch import block, down_proj
-from workers.editing.baselines.hooks import forward_until, hidden_of, read_inputs
 from workers.editing.batch import build_batch
+from workers.editing.hooks import forward_until, hidden_of, read_inputs
 from workers.editing.requests import EditRequest
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.editing.baselines.hooks import logits_at
 from workers.editing.batch import PromptBatch, build_batch
+from workers.editing.hooks import logits_at
 
 
 @dataclass
