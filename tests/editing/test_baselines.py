@@ -4,13 +4,14 @@ only what the method says it touches, and leave the weights alone until applied.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from workers.editing import stats
-from workers.editing.arch import down_proj, down_proj_name
+from workers.editing import arch, hooks, stats
+from workers.editing.arch import block, down_proj, down_proj_name
 from workers.editing.baselines import (
     AlphaEditConfig,
     AlphaEditEditor,
@@ -22,11 +23,14 @@ from workers.editing.baselines import (
 )
 from workers.editing.baselines.alphaedit import alphaedit_update, null_space_projector
 from workers.editing.baselines.memit import memit_update
+from workers.editing.batch import build_batch
 from workers.editing.delta import MatrixDelta
+from workers.editing.hooks import UpperForward, logits_at, output_hooks
 from workers.editing.keys import read_at_subject
 from workers.editing.model import LoadedModel
 from workers.editing.requests import EditRequest
 from workers.editing.stats import key_second_moments
+from workers.editing.target_value import optimise_target_values
 from workers.editing.targets import targets_top1
 
 # CounterFact train records 1 and 0: the unedited model gives each target P < 1e-3. FT-L
@@ -107,6 +111,35 @@ def test_configs_reject_bad_layers(lm: LoadedModel) -> None:
         TargetValueConfig(lr=0.0)
     with pytest.raises(ValueError, match=r"^nullspace_threshold:"):
         AlphaEditConfig(nullspace_threshold=-1.0)
+
+
+def test_upper_blocks_alone_give_the_full_forward_with_the_shift(lm: LoadedModel) -> None:
+    batch = build_batch(lm.tokenizer, [MADRID.text, "Biure, which is located in"], ["", ""])
+    positions = torch.tensor([3, batch.input_ids.shape[1] - 1])
+    upper = UpperForward(lm.model, batch, 5)
+    shift = torch.zeros_like(upper.hidden)
+    shift[:, 2] = torch.randn(2, shift.shape[-1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = upper.logits(shift, positions)
+        with output_hooks({block(lm.model, 5): lambda _x, h: h + shift}):
+            full = logits_at(lm.model, batch, positions)
+    assert hooks._upper_ok[id(lm.model)]  # the shortcut was checked and is exact here
+    assert torch.allclose(fast, full, atol=1e-4)
+    assert arch.num_layers(lm.model) == 30  # the block list is put back
+
+
+def test_target_value_stops_once_the_target_nll_is_low(lm: LoadedModel) -> None:
+    request = [MADRID]
+    contexts = ["{}"]
+    full = optimise_target_values(lm.model, lm.tokenizer, request, 5, contexts, FAST)
+    early = optimise_target_values(
+        lm.model, lm.tokenizer, request, 5, contexts, replace(FAST, loss_stop=0.0, nll_stop=2.0)
+    )
+    assert early.nll < 2.0
+    assert early.steps < full.steps
+    assert float((early.z - early.initial).norm()) < float((full.z - full.initial).norm())
+    with pytest.raises(ValueError, match=r"^nll_stop:"):
+        TargetValueConfig(nll_stop=-1.0)
 
 
 # the closed-form updates, on the real statistics -------------------------------------------

@@ -150,6 +150,9 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(refine_lr=-1.0), "refine_lr"),
         (LokiConfig(capacity_weight=-0.5), "capacity_weight"),
         (LokiConfig(refine_steps=-1), "refine_steps"),
+        (LokiConfig(self_text_energy=1.0), "self_text_energy"),
+        (LokiConfig(self_text_weight=-1.0), "self_text_weight"),
+        (LokiConfig(self_text_weight=1.0, self_text_tokens=3), "self_text_tokens"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:
