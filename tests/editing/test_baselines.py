@@ -123,9 +123,22 @@ def test_upper_blocks_alone_give_the_full_forward_with_the_shift(lm: LoadedModel
         fast = upper.logits(shift, positions)
         with output_hooks({block(lm.model, 5): lambda _x, h: h + shift}):
             full = logits_at(lm.model, batch, positions)
-    assert hooks._upper_ok[id(lm.model)]  # the shortcut was checked and is exact here
+    assert hooks._upper_ok[lm.model][5]  # the shortcut was checked and is exact here
     assert torch.allclose(fast, full, atol=1e-4)
     assert arch.num_layers(lm.model) == 30  # the block list is put back
+
+
+def test_upper_shortcut_is_refused_where_blocks_are_typed_by_position() -> None:
+    from types import SimpleNamespace
+
+    def model(types: list[str] | None) -> SimpleNamespace:
+        return SimpleNamespace(config=SimpleNamespace(layer_types=types))
+
+    mixed = ["sliding"] * 5 + ["full"] + ["sliding"] * 5 + ["full"]
+    assert hooks._layer_types_shift(model(mixed), 3)
+    assert not hooks._layer_types_shift(model(mixed), 6)  # the pattern repeats every 6
+    assert not hooks._layer_types_shift(model(["full"] * 12), 3)
+    assert not hooks._layer_types_shift(model(None), 3)
 
 
 def test_target_value_stops_once_the_target_nll_is_low(lm: LoadedModel) -> None:

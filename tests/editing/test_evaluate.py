@@ -380,3 +380,15 @@ def test_bench_cli_with_real_ft_editor(tmp_path: Path) -> None:
     # FT-L is trained on exactly the edit prompt: it must win there
     assert summary["metrics"]["efficacy"] >= summary["unedited"]["efficacy"]
     assert summary["metrics"]["efficacy"] >= 0.5
+
+
+def test_keyspace_editable_share_and_eigen_basis() -> None:
+    from bench.keyspace import editable_share, eigen_basis
+
+    basis = torch.eye(4)[:, :2]  # protects the first two coordinates
+    keys = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    assert editable_share(basis, keys) == pytest.approx(9.0 / 10.0)
+    moment = torch.diag(torch.tensor([0.5, 0.02, 0.005, 0.0]))
+    kept = eigen_basis(moment, 1e-2)
+    assert kept.shape == (4, 2)
+    assert editable_share(kept, torch.eye(4)) == pytest.approx(0.5)

@@ -78,6 +78,17 @@ def test_ridge_update_equals_the_dense_alphaedit_solve_and_stays_in_the_null_spa
     dense = alphaedit_update(keys, share, proj.matrix(), past, 10.0)
     assert torch.allclose(fast, dense[0] @ dense[1], atol=1e-10)
     assert torch.allclose(fast @ proj.matrix(), fast, atol=1e-10)
+    many = torch.randn(3 * d, d, generator=gen, dtype=torch.float64)  # more keys than dims
+    a2, b2 = proj.ridge_update(keys, share, many, 10.0)
+    dense2 = alphaedit_update(keys, share, proj.matrix(), many, 10.0)
+    assert torch.allclose(a2 @ b2, dense2[0] @ dense2[1], atol=1e-10)
+    # fp32 keys of realistic size (‖k‖ ≈ 50) keep fp32 accuracy: no cancellation
+    a3, b3 = Projector(q.float()).ridge_update(
+        50 * keys.float(), share.float(), 50 * past.float(), 1.0
+    )
+    exact = alphaedit_update(50 * keys, share, proj.matrix(), 50 * past, 1.0)
+    rel = (a3.double() @ b3.double() - exact[0] @ exact[1]).norm() / (exact[0] @ exact[1]).norm()
+    assert rel < 1e-4
     with_no_past = proj.ridge_update(keys, share, past[:0], 10.0)
     assert not torch.allclose(with_no_past[0] @ with_no_past[1], fast, atol=1e-3)
 
@@ -152,6 +163,7 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(refine_steps=-1), "refine_steps"),
         (LokiConfig(self_text_energy=1.0), "self_text_energy"),
         (LokiConfig(self_text_weight=-1.0), "self_text_weight"),
+        (LokiConfig(self_text_weight=float("nan")), "self_text_weight"),
         (LokiConfig(self_text_weight=1.0, self_text_tokens=3), "self_text_tokens"),
     ],
 )

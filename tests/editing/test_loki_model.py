@@ -125,9 +125,7 @@ def test_layer_choice_accepts_a_rephrasing_without_the_subject(editor: LokiEdito
         target_new=EDIT.target_new,
         rephrase_prompts=("That iron lattice tower in France stands in the city of",),
     )
-    scores, chosen, context_keys = editor._select_layers(
-        [request], editor.contexts(), editor.drifts()
-    )
+    scores, chosen, context_keys = editor._select_layers([request], editor.contexts())
     assert set(scores) == set(editor.layers)
     assert len(chosen) == editor.config.top_k
     assert all(len(context_keys[layer]) > 0 for layer in chosen)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -152,8 +153,20 @@ def logits_at(model: PreTrainedModel, batch: PromptBatch, positions: torch.Tenso
     return model(**kwargs, use_cache=False).logits[:, positions]
 
 
-# id(model) -> whether running the upper blocks alone reproduces the full forward
-_upper_ok: dict[int, bool] = {}
+# model -> {layer: whether running the blocks above it alone reproduces the full forward}. Per
+# layer: models that give each block an attention mask or rotary table by its position in the
+# list (Gemma 3, Qwen 2/3, … via config.layer_types) are exact at some layers and not at others.
+# Weak keys: a freed model's entry goes with it.
+_upper_ok: weakref.WeakKeyDictionary[nn.Module, dict[int, bool]] = weakref.WeakKeyDictionary()
+
+
+def _layer_types_shift(model: PreTrainedModel, first: int) -> bool:
+    """Whether slicing the block list at ``first`` hands blocks another layer's type."""
+    types = getattr(model.config, "layer_types", None)
+    if not types:
+        return False
+    types = list(types)
+    return types[first:] != types[: len(types) - first]
 
 
 class UpperForward:
@@ -163,8 +176,9 @@ class UpperForward:
     the blocks below it give the same output every time. This runs them once, keeps the
     residual stream after ``layer``, and on each call runs only the blocks above it (a fifth to
     a quarter of SmolLM2's forward saved at layers 6–8). Used only where one comparison with
-    the full forward (per model) shows the shortcut is exact; otherwise every call runs the
-    whole model with ``shift`` added by a hook.
+    the full forward (per model and layer) shows the shortcut is exact and the model does not
+    assign block types by position; otherwise every call runs the whole model with ``shift``
+    added by a hook.
     """
 
     def __init__(self, model: PreTrainedModel, batch: PromptBatch, layer: int) -> None:
@@ -189,11 +203,16 @@ class UpperForward:
 
     def logits(self, shift: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits at ``positions`` with ``shift`` (rows, seq, d_model) added after the block."""
-        key = id(self.model)
-        if key not in _upper_ok:
-            with torch.no_grad():
-                zero = torch.zeros_like(self.hidden)
-                full, upper = self._full(zero, positions), self._upper(zero, positions)
-            scale = full.abs().max().clamp_min(1e-6)
-            _upper_ok[key] = bool((full - upper).abs().max() <= 1e-3 * scale)
-        return self._upper(shift, positions) if _upper_ok[key] else self._full(shift, positions)
+        known = _upper_ok.setdefault(self.model, {})
+        if self.layer not in known:
+            if _layer_types_shift(self.model, self.layer + 1):
+                known[self.layer] = False
+            else:
+                with torch.no_grad():
+                    zero = torch.zeros_like(self.hidden)
+                    full, upper = self._full(zero, positions), self._upper(zero, positions)
+                scale = full.abs().max().clamp_min(1e-6)
+                known[self.layer] = bool((full - upper).abs().max() <= 1e-3 * scale)
+        if known[self.layer]:
+            return self._upper(shift, positions)
+        return self._full(shift, positions)

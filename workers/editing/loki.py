@@ -54,6 +54,7 @@ from workers.editing.spread import spread_over_layers
 from workers.editing.stats import key_second_moments
 from workers.editing.target_value import KL_TEMPLATE, TargetValueConfig, optimise_target_values
 from workers.editing.targets import TargetIndex
+from workers.editing.validation import check_count, check_positive
 
 _STATE_KEY = re.compile(r"^keys\.(\d+)$")
 
@@ -131,12 +132,11 @@ class LokiConfig:
         for name in ("l2", "refine_lr", "edit_norm", "max_relative_change", "weight_rel_threshold"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive")
-        if not 0 <= self.self_text_energy < 1:
+        check_positive("self_text_energy", self.self_text_energy, allow_zero=True)
+        if not self.self_text_energy < 1:
             raise ValueError(f"self_text_energy: must be in [0, 1), got {self.self_text_energy}")
-        if self.self_text_weight < 0:
-            raise ValueError("self_text_weight: must not be negative")
-        if self.uses_self_text and self.self_text_tokens < len(OPENINGS):
-            raise ValueError(f"self_text_tokens: must be at least {len(OPENINGS)}")
+        check_positive("self_text_weight", self.self_text_weight, allow_zero=True)
+        check_count("self_text_tokens", self.self_text_tokens, minimum=len(OPENINGS))
         if self.refine_steps < 0 or self.extra_steps < 0:
             raise ValueError("refine_steps, extra_steps: must not be negative")
         if not isinstance(self.target, TargetValueConfig):
@@ -211,16 +211,14 @@ class LokiEditor(Editor):
         """How many past-edit keys the layer's updates are regularised against."""
         return int(self.past_keys[layer].shape[0])
 
-    def drifts(self) -> dict[int, torch.Tensor]:
-        """W − W₀ of every candidate layer, as loaded now."""
-        return {
-            layer: module.weight.detach().float() - self.base[layer]
-            for layer, module in self.modules.items()
-        }
+    def drift(self, layer: int) -> torch.Tensor:
+        """W − W₀ of a candidate layer, as loaded now."""
+        return self.modules[layer].weight.detach().float() - self.base[layer]
 
-    def used(self, layer: int, drift: torch.Tensor) -> float:
+    def used(self, layer: int) -> float:
         """Share of the layer's cumulative budget spent: ‖W − W₀‖ / (max_relative_change·‖W₀‖)."""
-        return float(drift.norm()) / (self.config.max_relative_change * self.base_norm[layer])
+        norm = float(self.drift(layer).norm())
+        return norm / (self.config.max_relative_change * self.base_norm[layer])
 
     # --- the edit --------------------------------------------------------------------------
     def contexts(self) -> list[str]:
@@ -234,6 +232,7 @@ class LokiEditor(Editor):
             basis = weight_input_basis(self.base[layer], self.config.weight_rel_threshold)
             if self.config.self_text_energy > 0:
                 top = energy_basis(self.self_text_moments[layer], self.config.self_text_energy)
+                top = top.to(basis.device)
                 basis = orthonormal_extend(basis, top.T, self.config.context_rel_tol)
             self._weight_basis[layer] = basis.to(self.device)
         return self._weight_basis[layer]
@@ -243,7 +242,6 @@ class LokiEditor(Editor):
         self,
         requests: Sequence[EditRequest],
         contexts: Sequence[str],
-        drifts: Mapping[int, torch.Tensor],
     ) -> tuple[dict[int, float], list[int], dict[int, torch.Tensor]]:
         """HSIC scores of every candidate, the chosen layers, and their context-token keys."""
         prompts = contextual_prompts(requests, contexts)
@@ -268,7 +266,7 @@ class LokiEditor(Editor):
             eps=self.config.hsic_eps,
         )
         ranked = {
-            layer: score - self.config.capacity_weight * self.used(layer, drifts[layer])
+            layer: score - self.config.capacity_weight * self.used(layer)
             for layer, score in scores.items()
         }
         chosen = sorted(sorted(ranked, key=ranked.__getitem__, reverse=True)[: self.config.top_k])
@@ -302,8 +300,8 @@ class LokiEditor(Editor):
         cfg = self.config
         torch.manual_seed(cfg.seed)
         contexts = self.contexts()
-        drift = self.drifts()
-        scores, chosen, context_keys = self._select_layers(requests, contexts, drift)
+        scores, chosen, context_keys = self._select_layers(requests, contexts)
+        drift = {layer: self.drift(layer) for layer in chosen}
         values = optimise_target_values(
             self.model, self.tokenizer, requests, chosen[-1], contexts, cfg.target
         )

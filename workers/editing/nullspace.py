@@ -79,28 +79,32 @@ class Projector:
         l2: float,
         prior: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors (a, b) of ΔW = R Kᵀ P (P(K_pK_pᵀ + KKᵀ) + αI)⁻¹, AlphaEdit's solve under this P.
+        """Factors (a, b) of AlphaEdit's change under this P: ΔW = R Xᵀ with
+        X = (P G P + αI)⁻¹ P K, G = KKᵀ + K_pK_pᵀ (equal to AlphaEdit's (P G + αI)⁻¹ P K: X
+        lies in P's range, where PG acts as PGP).
 
         keys K (d, n), share R (d_out, n), past_keys K_pᵀ (n_past, d). With M = [K, K_p] and
-        A = PM, the matrix equals (AAᵀ + αI)⁻¹ on the editable space (PG is PGP there), so by
-        Woodbury X = (PK − A(αI + AᵀA)⁻¹AᵀPK)/α and ΔW = R Xᵀ. That costs d·(n+n_past)² instead
-        of the d³ of forming P and solving densely: 0.1 s rather than ~1 s per edit on two CPU
-        cores, and it never forms a d × d matrix.
-
-        ``prior`` (d × d, symmetric PSD) joins the Gram matrix: (P(G + prior)P + αI) is then
-        solved densely by Cholesky.
+        A = PM, PGP = AAᵀ and PK = A[:, :n], so by the push-through identity
+        X = A (AᵀA + αI)⁻¹ [I_n; 0]: a solve of size n + n_past instead of d, never forming a
+        d × d matrix (0.9 → 0.3 s per edit over three SmolLM2 layers). Once there are more keys
+        than dimensions, or with a ``prior`` (d × d, symmetric PSD, added to G), the d × d system
+        is solved by Cholesky instead.
         """
+        n = keys.shape[1]
         m = torch.cat([keys, past_keys.T.to(keys)], dim=1)
         a = self.apply(m.T).T  # (d, n + n_past)
-        pk = a[:, : keys.shape[1]]
-        if prior is not None:
-            gram = self.apply(self.apply(prior.to(keys)).T) + a @ a.T  # P prior P + A Aᵀ
-            gram.diagonal().add_(l2)
-            x = torch.cholesky_solve(pk, torch.linalg.cholesky(gram))
+        if prior is None and a.shape[1] <= a.shape[0]:
+            inner = a.T @ a
+            inner.diagonal().add_(l2)
+            x = a @ torch.linalg.solve(
+                inner, torch.eye(a.shape[1], n, dtype=a.dtype, device=a.device)
+            )
             return share, x.T
-        inner = a.T @ a
-        inner.diagonal().add_(l2)
-        x = (pk - a @ torch.linalg.solve(inner, a.T @ pk)) / l2
+        gram = a @ a.T
+        if prior is not None:
+            gram = gram + self.apply(self.apply(prior.to(keys)).T)  # + P prior P
+        gram.diagonal().add_(l2)
+        x = torch.cholesky_solve(a[:, :n], torch.linalg.cholesky(gram))
         return share, x.T
 
     def ratio(self, keys: torch.Tensor) -> float:

@@ -184,9 +184,11 @@ def key_second_moments(
         moments, count = _collect(model, tokenizer, missing, chunks)
         root.mkdir(parents=True, exist_ok=True)
         for layer, moment in moments.items():
-            path = root / f"{name}{tag}-layer{layer}-n{count}.safetensors"
+            # filed under the count the lookup computes, so a short generation cannot make
+            # every later lookup miss; the true count is kept in the metadata
+            path = root / f"{name}{tag}-layer{layer}-n{n_tokens}.safetensors"
             _save_atomic(path, moment, {"tokens": str(count), "text_sha256": sha})
-            out[layer] = _memo[(name + tag, layer, count, sha)] = moment
+            out[layer] = _memo[(name + tag, layer, n_tokens, sha)] = moment
     return out
 
 
