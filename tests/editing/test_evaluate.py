@@ -392,3 +392,18 @@ def test_keyspace_editable_share_and_eigen_basis() -> None:
     kept = eigen_basis(moment, 1e-2)
     assert kept.shape == (4, 2)
     assert editable_share(kept, torch.eye(4)) == pytest.approx(0.5)
+
+
+def test_edit_phases_cli_times_every_phase(tmp_path: Path) -> None:
+    from bench import edit_phases
+    from workers.editing import loki
+
+    before = loki.optimise_target_values
+    out = tmp_path / "phases.json"
+    edit_phases.main(["--n", "1", "--threads", "1", "--out", str(out)])
+    summary = json.loads(out.read_text())
+    for phase in ("select", "target_value", "solves", "mpes", "bookkeeping", "total"):
+        assert summary[phase]["n"] == 1, phase
+    parts = sum(summary[p]["median"] for p in ("select", "target_value", "solves", "mpes"))
+    assert parts <= summary["total"]["median"]
+    assert loki.optimise_target_values is before  # the timers are taken off again

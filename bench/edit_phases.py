@@ -1,0 +1,94 @@
+"""Where a LOKI edit's time goes: per-phase seconds over N sequential CounterFact edits.
+
+    python -m bench.edit_phases --n 12 --threads 2 --out results/edit-phases.json
+
+Wraps the phases of ``LokiEditor`` (layer selection, v*, the per-layer solves, MPES,
+bookkeeping) with timers; run it on an otherwise idle machine, since the figures are wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.editing import loki
+from workers.editing.datasets import load_records
+from workers.editing.model import load_model
+
+PHASES = {
+    "select": (loki.LokiEditor, "_select_layers"),
+    "target_value": (loki, "optimise_target_values"),
+    "solves": (loki, "spread_over_layers"),
+    "mpes": (loki.LokiEditor, "_refine"),
+    "bookkeeping": (loki.LokiEditor, "after_apply"),
+}
+
+
+def timed(fn: Callable[..., Any], into: list[float]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - start)
+
+    return wrapper
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.edit_phases", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--data", default="../shared/data/counterfact/train.json")
+    p.add_argument("--n", type=int, default=12)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=Path("results/edit-phases.json"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lm = load_model()
+    records = load_records(args.data, n=args.n)
+    seconds: dict[str, list[float]] = defaultdict(list)
+    originals = {name: getattr(owner, attr) for name, (owner, attr) in PHASES.items()}
+    for name, (owner, attr) in PHASES.items():
+        setattr(owner, attr, timed(originals[name], seconds[name]))
+    try:
+        editor = loki.LokiEditor(lm.model, lm.tokenizer)
+        editor.contexts()  # generated once per model: not part of an edit
+        for record in records:
+            start = time.perf_counter()
+            result = editor.apply([record.request])
+            seconds["total"].append(time.perf_counter() - start)
+            print(
+                f"{seconds['total'][-1]:.2f} s, {result.steps} steps, layers "
+                f"{result.selected_layers}, success {result.success}",
+                flush=True,
+            )
+    finally:
+        for name, (owner, attr) in PHASES.items():
+            setattr(owner, attr, originals[name])
+    summary = {
+        name: {"median": statistics.median(v), "mean": statistics.mean(v), "n": len(v)}
+        for name, v in seconds.items()
+    }
+    summary["threads"] = torch.get_num_threads()  # type: ignore[assignment]
+    for name, stats in summary.items():
+        if isinstance(stats, dict):
+            print(f"{name:13s} median {stats['median']:.2f} s  mean {stats['mean']:.2f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
