@@ -400,7 +400,7 @@ def test_edit_phases_cli_times_every_phase(tmp_path: Path) -> None:
 
     before = loki.optimise_target_values
     out = tmp_path / "phases.json"
-    edit_phases.main(["--n", "1", "--threads", "1", "--out", str(out)])
+    edit_phases.main(["--n", "1", "--out", str(out)])
     summary = json.loads(out.read_text())
     for phase in ("select", "target_value", "solves", "mpes", "bookkeeping", "total"):
         assert summary[phase]["n"] == 1, phase
