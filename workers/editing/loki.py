@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +37,7 @@ from workers.editing.batch import build_batch
 from workers.editing.contexts import context_templates
 from workers.editing.delta import MatrixDelta
 from workers.editing.editor import Editor
-from workers.editing.hooks import applied, frozen, logits_at
+from workers.editing.hooks import applied, frozen, logits_at, read_inputs
 from workers.editing.hsic import DEFAULT_EPS, bottleneck_scores
 from workers.editing.keys import contextual_prompts, read_at_subject
 from workers.editing.nullspace import (
@@ -253,7 +252,8 @@ class LokiEditor(Editor):
             subjects += [req.subject if req.subject in p else None for p in req.rephrase_prompts]
         batch = build_batch(self.tokenizer, prompts, [""] * len(prompts), subjects).to(self.device)
         mask = batch.attention_mask.bool()
-        with self._capture() as keys:
+        keys: dict[int, torch.Tensor] = {}
+        with read_inputs(self.modules, keys):
             out = self.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -281,21 +281,6 @@ class LokiEditor(Editor):
             other[list(rows), list(cols)] = False
         context_keys = {layer: keys[layer][other].float() for layer in chosen}
         return scores, chosen, context_keys
-
-    @contextmanager
-    def _capture(self) -> Iterator[dict[int, torch.Tensor]]:
-        keys: dict[int, torch.Tensor] = {}
-        handles = [
-            module.register_forward_pre_hook(
-                lambda _m, args, layer=layer: keys.__setitem__(layer, args[0].detach())
-            )
-            for layer, module in self.modules.items()
-        ]
-        try:
-            yield keys
-        finally:
-            for h in handles:
-                h.remove()
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         cfg = self.config
