@@ -71,7 +71,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ppl-tokens", type=int, help="score only the fixed text's first N tokens (smoke runs)"
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one setting of the method's config, e.g. top_k=4 or target.lr=1.5 (repeat)",
+    )
     args = p.parse_args(argv)
+    for item in args.overrides:
+        if "=" not in item:
+            p.error(f"--set {item!r}: expected KEY=VALUE")
+    args.overrides = dict(item.split("=", 1) for item in args.overrides)
     if args.n < 1 or args.offset < 0 or args.checkpoint_every < 0:
         p.error("--n must be positive, --offset and --checkpoint-every not negative")
     args.data = args.data or Path(DEFAULT_DATA[args.dataset])
@@ -235,7 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not records:
         raise SystemExit(f"no usable records in {args.data} at offset {args.offset}")
 
-    editor = build_editor(args.method, model, tok)  # before the long baseline: fail fast
+    # before the long baseline: fail fast
+    editor = build_editor(args.method, model, tok, args.overrides)
     evaluate = Evaluator(
         model,
         tok,
@@ -258,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(args.data),
         "offset": args.offset,
         "seed": args.seed,
+        "overrides": args.overrides,
         "device": str(loaded.device),
         "eval_settings": {
             "fluency_tokens": args.fluency_tokens,

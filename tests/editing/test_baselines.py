@@ -123,9 +123,39 @@ def test_upper_blocks_alone_give_the_full_forward_with_the_shift(lm: LoadedModel
         fast = upper.logits(shift, positions)
         with output_hooks({block(lm.model, 5): lambda _x, h: h + shift}):
             full = logits_at(lm.model, batch, positions)
-    assert hooks._upper_ok[lm.model][5]  # the shortcut was checked and is exact here
+    assert hooks._upper_ok[lm.model][(5, False)]  # the shortcut was checked and is exact here
     assert torch.allclose(fast, full, atol=1e-4)
     assert arch.num_layers(lm.model) == 30  # the block list is put back
+
+
+def test_cached_prefix_gives_the_full_forward_from_each_rows_start(lm: LoadedModel) -> None:
+    prompts = [MADRID.text, "Biure, which is located in", "The mother tongue of Danielle is"]
+    batch = build_batch(lm.tokenizer, prompts, [" Spain", " Spain", " French"])
+    starts = [2, 0, 4]  # ragged on purpose; row 1 caches nothing
+    positions = torch.arange(2, batch.input_ids.shape[1])
+    upper = UpperForward(lm.model, batch, 5, starts=starts)
+    assert upper.cached
+    shift = torch.zeros_like(upper.hidden)
+    rows = torch.arange(3)
+    shift[rows, torch.tensor(starts)] = torch.randn(
+        3, shift.shape[-1], generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        fast = upper.logits(shift, positions)
+        with output_hooks({block(lm.model, 5): lambda _x, h: h + shift}):
+            full = logits_at(lm.model, batch, positions)
+    assert hooks._upper_ok[lm.model][(5, True)]
+    lengths = batch.attention_mask.sum(dim=1)
+    for r, start in enumerate(starts):
+        real = (positions >= start) & (positions < lengths[r])
+        assert real.any()
+        assert torch.allclose(fast[r, real], full[r, real], atol=1e-4)
+    # a gradient reaches the shift through the cached path
+    shift.requires_grad_(True)
+    upper.logits(shift, positions)[0, -1].sum().backward()
+    assert shift.grad is not None and float(shift.grad[0, starts[0]].abs().sum()) > 0
+    with pytest.raises(ValueError, match=r"^starts:"):
+        UpperForward(lm.model, batch, 5, starts=[0, 0])
 
 
 def test_upper_shortcut_is_refused_where_blocks_are_typed_by_position() -> None:

@@ -29,7 +29,7 @@ from workers.editing.evaluate import (
     shared_prefix_logprobs,
     words,
 )
-from workers.editing.factory import build_editor
+from workers.editing.factory import build_editor, with_overrides
 from workers.editing.requests import EditRequest
 from workers.editing.result import EditResult
 from workers.editing.scoring import greedy_continuation, target_logprobs
@@ -160,6 +160,24 @@ def test_factory_rejects_unknown_method() -> None:
         build_editor("rome", None, None)  # type: ignore[arg-type]
 
 
+def test_config_overrides_reach_nested_fields_and_refuse_bad_ones() -> None:
+    from workers.editing.loki import LokiConfig
+
+    config = with_overrides(
+        LokiConfig(), {"top_k": "4", "target.lr": "1.5", "candidate_layers": "(3, 4, 5, 6)"}
+    )
+    assert (config.top_k, config.target.lr, config.candidate_layers) == (4, 1.5, (3, 4, 5, 6))
+    assert config.target.steps == LokiConfig().target.steps  # the rest kept
+    with pytest.raises(ValueError, match=r"^topk: no such setting"):
+        with_overrides(LokiConfig(), {"topk": "4"})
+    with pytest.raises(ValueError, match=r"^target\.lrate: no such setting"):
+        with_overrides(LokiConfig(), {"target.lrate": "1"})
+    with pytest.raises(ValueError, match=r"^top_k: 'four' is not a Python literal"):
+        with_overrides(LokiConfig(), {"top_k": "four"})
+    with pytest.raises(ValueError, match=r"^lr:"):  # the config's own check
+        with_overrides(LokiConfig(), {"target.lr": "0"})
+
+
 # ---------------------------------------------------------------- metrics on the real model
 
 
@@ -275,7 +293,7 @@ class RankOneEditor(Editor):
 @pytest.mark.slow
 def test_bench_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        bench_editing, "build_editor", lambda m, model, tok: RankOneEditor(model, tok)
+        bench_editing, "build_editor", lambda m, model, tok, overrides: RankOneEditor(model, tok)
     )
     out = tmp_path / "run"
     argv = ["--method", "ft", "--data", str(COUNTERFACT), "--n", "4", "--offset", "10",
@@ -348,7 +366,7 @@ class FailingEditor(RankOneEditor):
 @pytest.mark.slow
 def test_bench_cli_counts_failed_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        bench_editing, "build_editor", lambda m, model, tok: FailingEditor(model, tok)
+        bench_editing, "build_editor", lambda m, model, tok, overrides: FailingEditor(model, tok)
     )
     out = tmp_path / "run"
     argv = ["--method", "loki", "--data", str(COUNTERFACT), "--n", "2", "--checkpoint-every", "0",

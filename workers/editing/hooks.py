@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from workers.editing.arch import block, down_proj, only_blocks_from
 from workers.editing.batch import PromptBatch
@@ -153,11 +153,14 @@ def logits_at(model: PreTrainedModel, batch: PromptBatch, positions: torch.Tenso
     return model(**kwargs, use_cache=False).logits[:, positions]
 
 
-# model -> {layer: whether running the blocks above it alone reproduces the full forward}. Per
-# layer: models that give each block an attention mask or rotary table by its position in the
-# list (Gemma 3, Qwen 2/3, … via config.layer_types) are exact at some layers and not at others.
+# model -> {(layer, prefix cached): whether running the blocks above it alone reproduces the full
+# forward}. Per layer: models that give each block an attention mask or rotary table by its
+# position in the list (Gemma 3, Qwen 2/3, … via config.layer_types) are exact at some layers and
+# not at others.
 # Weak keys: a freed model's entry goes with it.
-_upper_ok: weakref.WeakKeyDictionary[nn.Module, dict[int, bool]] = weakref.WeakKeyDictionary()
+_upper_ok: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, bool], bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _layer_types_shift(model: PreTrainedModel, first: int) -> bool:
@@ -175,44 +178,138 @@ class UpperForward:
     v*'s optimisation adds δ to the output of one block and asks for logits at every step;
     the blocks below it give the same output every time. This runs them once, keeps the
     residual stream after ``layer``, and on each call runs only the blocks above it (a fifth to
-    a quarter of SmolLM2's forward saved at layers 6–8). Used only where one comparison with
-    the full forward (per model and layer) shows the shortcut is exact and the model does not
-    assign block types by position; otherwise every call runs the whole model with ``shift``
-    added by a hook.
+    a quarter of SmolLM2's forward saved at layers 6–8).
+
+    With ``starts`` (per row: the first column the shift touches and whose logits are asked
+    for; v*'s subject token), the columns before it cannot change either: their keys and
+    values in the blocks above are computed once and cached, and each call runs only each
+    row's tail, packed from column 0 with its true positions. On CounterFact prompts with
+    MEMIT's context prefixes that is about a third of the columns.
+
+    Either shortcut is used only where one comparison with the full forward (per model and
+    layer) shows it exact and the model does not assign block types by position; otherwise
+    every call runs the whole model with ``shift`` added by a hook.
     """
 
-    def __init__(self, model: PreTrainedModel, batch: PromptBatch, layer: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        batch: PromptBatch,
+        layer: int,
+        starts: Sequence[int] | None = None,
+    ) -> None:
         self.model, self.batch, self.layer = model, batch, layer
         # (rows, seq, d_model): the residual stream after ``layer``
         self.hidden = hidden_of(forward_until(model, batch, block(model, layer))).detach()
+        device = self.hidden.device
+        self.lengths = batch.attention_mask.sum(dim=1)
+        self.starts = torch.zeros_like(self.lengths)
+        if starts is not None:
+            self.starts = torch.tensor(list(starts), device=device).clamp_min(0)
+            if len(self.starts) != len(self.lengths) or bool((self.starts >= self.lengths).any()):
+                raise ValueError("starts: one column per row, inside the row")
+        self._prefix: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
-    def _upper(self, shift: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs: dict[str, Any] = {
-            "inputs_embeds": self.hidden + shift,
-            "attention_mask": self.batch.attention_mask,
-            "use_cache": False,
-        }
+    @property
+    def cached(self) -> bool:
+        return bool(self.starts.max() > 0)
+
+    def _run(self, positions: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         with only_blocks_from(self.model, self.layer + 1):
             if _supports_logits_to_keep(type(self.model)):
                 return self.model(**kwargs, logits_to_keep=positions).logits
             return self.model(**kwargs).logits[:, positions]
 
+    def _prefix_cache(self) -> DynamicCache:
+        """Keys and values of every row's columns before its start, in the blocks above."""
+        if self._prefix is None:
+            width = int(self.starts.max())
+            last = torch.tensor([width - 1], device=self.hidden.device)
+            with torch.no_grad():
+                self._run(
+                    last,
+                    inputs_embeds=self.hidden[:, :width],
+                    attention_mask=self.batch.attention_mask[:, :width],
+                    position_ids=torch.arange(width, device=self.hidden.device)[None],
+                    past_key_values=(cache := DynamicCache(config=self.model.config)),
+                    use_cache=True,
+                )
+            self._prefix = [
+                (lay.keys, lay.values) if i > self.layer and lay.is_initialized else None
+                for i, lay in enumerate(cache.layers)
+            ]
+        data = [(None, None) if kv is None else kv for kv in self._prefix]
+        return DynamicCache(data, config=self.model.config)
+
+    def _tails(self, shift: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Each row's columns from its start on, run against the cached prefix."""
+        hidden = self.hidden + shift
+        device = hidden.device
+        width = int(self.starts.max())
+        n_tail = self.lengths - self.starts  # real tokens in each row's tail
+        span = int(n_tail.max())
+        j = torch.arange(span, device=device)
+        cols = (self.starts[:, None] + j).clamp_max(hidden.shape[1] - 1)  # (rows, span)
+        embeds = hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1]))
+        # attend to the row's own prefix (before its start) and causally within the real tail
+        prefix_ok = torch.arange(width, device=device)[None, :] < self.starts[:, None]
+        tail_ok = (j[None, :] <= j[:, None])[None] & (j < n_tail[:, None])[:, None, :]
+        allowed = torch.cat([prefix_ok[:, None, :].expand(-1, span, -1), tail_ok], dim=2)
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+        # logits wanted at tail index (position − start); one shared set of indices for all rows
+        wanted = positions[None, :] - self.starts[:, None]  # (rows, n_pos)
+        inside = (wanted >= 0) & (wanted < span)
+        keep = torch.unique(wanted[inside]) if bool(inside.any()) else j[:1]
+        logits = self._run(
+            keep,
+            inputs_embeds=embeds,
+            attention_mask=mask[:, None],
+            position_ids=cols,
+            past_key_values=self._prefix_cache(),
+            use_cache=True,
+        )
+        at = torch.searchsorted(keep, wanted.clamp(0, span - 1)).clamp_max(len(keep) - 1)
+        return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def _upper(self, shift: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.cached:
+            return self._tails(shift, positions)
+        return self._run(
+            positions,
+            inputs_embeds=self.hidden + shift,
+            attention_mask=self.batch.attention_mask,
+            use_cache=False,
+        )
+
     def _full(self, shift: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         with output_hooks({block(self.model, self.layer): lambda _x, h: h + shift}):
             return logits_at(self.model, self.batch, positions)
 
+    def _answered(self, positions: torch.Tensor) -> torch.Tensor:
+        """(rows, n_pos): which logits the shortcut computes (the rest are filler)."""
+        return (positions[None, :] >= self.starts[:, None]) & (
+            positions[None, :] < self.lengths[:, None]
+        )
+
     def logits(self, shift: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits at ``positions`` with ``shift`` (rows, seq, d_model) added after the block."""
+        """Logits at ``positions`` with ``shift`` (rows, seq, d_model) added after the block.
+
+        With ``starts``, a row's logits before its start are filler, and its shift there is
+        ignored."""
         known = _upper_ok.setdefault(self.model, {})
-        if self.layer not in known:
+        key = (self.layer, self.cached)
+        if key not in known:
             if _layer_types_shift(self.model, self.layer + 1):
-                known[self.layer] = False
+                known[key] = False
             else:
                 with torch.no_grad():
                     zero = torch.zeros_like(self.hidden)
                     full, upper = self._full(zero, positions), self._upper(zero, positions)
+                answered = self._answered(positions)
+                full, upper = full[answered], upper[answered]
                 scale = full.abs().max().clamp_min(1e-6)
-                known[self.layer] = bool((full - upper).abs().max() <= 1e-3 * scale)
-        if known[self.layer]:
+                known[key] = bool((full - upper).abs().max() <= 1e-3 * scale)
+        if known[key]:
             return self._upper(shift, positions)
         return self._full(shift, positions)

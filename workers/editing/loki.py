@@ -37,7 +37,7 @@ from workers.editing.batch import build_batch
 from workers.editing.contexts import context_templates
 from workers.editing.delta import MatrixDelta
 from workers.editing.editor import Editor
-from workers.editing.hooks import applied, frozen, logits_at, read_inputs
+from workers.editing.hooks import UpperForward, applied, frozen, logits_at, read_inputs
 from workers.editing.hsic import DEFAULT_EPS, bottleneck_scores
 from workers.editing.keys import contextual_prompts, read_at_subject
 from workers.editing.nullspace import (
@@ -65,10 +65,10 @@ class LokiConfig:
     candidate_layers: tuple[int, ...] | None = None
     top_k: int = 3
     hsic_eps: float = DEFAULT_EPS
-    # A layer's HSIC score is lowered by this times the share of its cumulative budget
-    # (max_relative_change) already used. HSIC alone picked layer 8 for nearly every edit and
-    # spent its budget by edit ~70; the penalty hands later edits to layers with room left.
-    capacity_weight: float = 1.0
+    # A layer's HSIC score is lowered by this times its cumulative change ‖W − W₀‖/‖W₀‖. HSIC
+    # alone picked layer 8 for nearly every edit and spent its budget by edit ~70; the penalty
+    # hands later edits to layers that have moved less.
+    capacity_weight: float = 2.0
     # W₀'s input directions with σ ≥ this·σ_max are protected. Lower protects more of what the
     # layer already reads but leaves less room for edits.
     weight_rel_threshold: float = 0.05
@@ -107,7 +107,11 @@ class LokiConfig:
     extra_steps: int = 0  # MPES: keep going this many steps after the target is top-1
     kl_weight: float = 1.0
     edit_norm: float = 0.1  # per-edit ‖ΔW‖ ≤ edit_norm · ‖W₀‖
-    max_relative_change: float = 0.5  # cumulative ‖W − W₀‖ ≤ this · ‖W₀‖
+    # cumulative ‖W − W₀‖ ≤ this · ‖W₀‖. The drift grows like √edits: at 0.5 the most used
+    # layer was full by edit ~400 of the 1,000-edit run and per-edit success fell to 0.55 by
+    # edit 600 (README "1,000 edits"); the service's edit guard still refuses any single edit
+    # that costs too much perplexity.
+    max_relative_change: float = 1.0
     seed: int = 0
 
     @property
@@ -215,10 +219,13 @@ class LokiEditor(Editor):
         """W − W₀ of a candidate layer, as loaded now."""
         return self.modules[layer].weight.detach().float() - self.base[layer]
 
+    def relative_drift(self, layer: int) -> float:
+        """‖W − W₀‖ / ‖W₀‖ of a candidate layer, as loaded now."""
+        return float(self.drift(layer).norm()) / self.base_norm[layer]
+
     def used(self, layer: int) -> float:
         """Share of the layer's cumulative budget spent: ‖W − W₀‖ / (max_relative_change·‖W₀‖)."""
-        norm = float(self.drift(layer).norm())
-        return norm / (self.config.max_relative_change * self.base_norm[layer])
+        return self.relative_drift(layer) / self.config.max_relative_change
 
     # --- the edit --------------------------------------------------------------------------
     def contexts(self) -> list[str]:
@@ -267,7 +274,7 @@ class LokiEditor(Editor):
             eps=self.config.hsic_eps,
         )
         ranked = {
-            layer: score - self.config.capacity_weight * self.used(layer)
+            layer: score - self.config.capacity_weight * self.relative_drift(layer)
             for layer, score in scores.items()
         }
         chosen = sorted(sorted(ranked, key=ranked.__getitem__, reverse=True)[: self.config.top_k])
@@ -355,6 +362,14 @@ class LokiEditor(Editor):
         kl_cols = index.column_of(kl_pos)
         owner = torch.arange(n_req, device=self.device).repeat_interleave(n_ctx)
 
+        # the blocks below the lowest changed layer give the same output at every step
+        upper = UpperForward(self.model, batch, min(deltas) - 1) if min(deltas) > 0 else None
+
+        def logits_now() -> torch.Tensor:
+            if upper is None:
+                return logits_at(self.model, batch, index.positions)
+            return upper.logits(torch.zeros_like(upper.hidden), index.positions)
+
         ref: torch.Tensor | None = None  # the unedited prediction, read only if a step is taken
         for delta in deltas.values():
             assert delta.a is not None and delta.b is not None
@@ -367,7 +382,7 @@ class LokiEditor(Editor):
             with frozen(self.model):
                 for step in range(cfg.refine_steps + 1):
                     with applied(self.model, deltas):
-                        logits = logits_at(self.model, batch, index.positions)
+                        logits = logits_now()
                     token_lp, top1 = index.token_logprobs(logits)
                     row_miss = (~index.row_all(top1)[:n_rewrite]).float()
                     misses = torch.zeros(n_req, device=self.device).index_add(0, owner, row_miss)
@@ -381,12 +396,7 @@ class LokiEditor(Editor):
                     nll = -index.row_mean(token_lp)[:n_rewrite].mean()
                     if ref is None:
                         with torch.no_grad():
-                            ref = torch.log_softmax(
-                                logits_at(self.model, batch, index.positions)[
-                                    kl_rows, kl_cols
-                                ].float(),
-                                dim=-1,
-                            )
+                            ref = torch.log_softmax(logits_now()[kl_rows, kl_cols].float(), dim=-1)
                     kl_lp = torch.log_softmax(logits[kl_rows, kl_cols].float(), dim=-1)
                     kl = (ref.exp() * (ref - kl_lp)).sum(dim=-1).mean()
                     loss = nll + cfg.kl_weight * kl

@@ -111,7 +111,7 @@ def optimise_target_values(
 
     d_model = int(model.config.hidden_size)
     delta = torch.zeros(n_req, d_model, device=device, requires_grad=True)
-    upper = UpperForward(model, batch, z_layer)
+    upper = UpperForward(model, batch, z_layer, starts=batch.subject_last)
     initial = upper.hidden[bare_rows, subject_pos[bare_rows]].float()
 
     def shift() -> torch.Tensor:
