@@ -37,7 +37,7 @@ from workers.editing.batch import build_batch
 from workers.editing.contexts import context_templates
 from workers.editing.delta import MatrixDelta
 from workers.editing.editor import Editor
-from workers.editing.hooks import UpperForward, applied, frozen, logits_at, read_inputs
+from workers.editing.hooks import applied, frozen, logits_at, read_inputs
 from workers.editing.hsic import DEFAULT_EPS, bottleneck_scores
 from workers.editing.keys import contextual_prompts, read_at_subject
 from workers.editing.nullspace import (
@@ -362,14 +362,6 @@ class LokiEditor(Editor):
         kl_cols = index.column_of(kl_pos)
         owner = torch.arange(n_req, device=self.device).repeat_interleave(n_ctx)
 
-        # the blocks below the lowest changed layer give the same output at every step
-        upper = UpperForward(self.model, batch, min(deltas) - 1) if min(deltas) > 0 else None
-
-        def logits_now() -> torch.Tensor:
-            if upper is None:
-                return logits_at(self.model, batch, index.positions)
-            return upper.logits(torch.zeros_like(upper.hidden), index.positions)
-
         ref: torch.Tensor | None = None  # the unedited prediction, read only if a step is taken
         for delta in deltas.values():
             assert delta.a is not None and delta.b is not None
@@ -382,7 +374,7 @@ class LokiEditor(Editor):
             with frozen(self.model):
                 for step in range(cfg.refine_steps + 1):
                     with applied(self.model, deltas):
-                        logits = logits_now()
+                        logits = logits_at(self.model, batch, index.positions)
                     token_lp, top1 = index.token_logprobs(logits)
                     row_miss = (~index.row_all(top1)[:n_rewrite]).float()
                     misses = torch.zeros(n_req, device=self.device).index_add(0, owner, row_miss)
@@ -396,7 +388,12 @@ class LokiEditor(Editor):
                     nll = -index.row_mean(token_lp)[:n_rewrite].mean()
                     if ref is None:
                         with torch.no_grad():
-                            ref = torch.log_softmax(logits_now()[kl_rows, kl_cols].float(), dim=-1)
+                            ref = torch.log_softmax(
+                                logits_at(self.model, batch, index.positions)[
+                                    kl_rows, kl_cols
+                                ].float(),
+                                dim=-1,
+                            )
                     kl_lp = torch.log_softmax(logits[kl_rows, kl_cols].float(), dim=-1)
                     kl = (ref.exp() * (ref - kl_lp)).sum(dim=-1).mean()
                     loss = nll + cfg.kl_weight * kl
