@@ -11,6 +11,7 @@ scored on the same records first, so every figure has its baseline beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -89,6 +90,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.data = args.data or Path(DEFAULT_DATA[args.dataset])
     args.out = args.out or Path("results") / f"edit-{args.method}"
     return args
+
+
+def _config_of(editor: Any) -> dict[str, Any] | None:
+    """The method's settings as run (defaults plus --set), for the summary."""
+    config = getattr(editor, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return None
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 def seed_everything(seed: int) -> None:
@@ -272,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "offset": args.offset,
         "seed": args.seed,
         "overrides": args.overrides,
+        "config": _config_of(editor),
         "device": str(loaded.device),
         "eval_settings": {
             "fluency_tokens": args.fluency_tokens,

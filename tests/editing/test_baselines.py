@@ -158,6 +158,26 @@ def test_cached_prefix_gives_the_full_forward_from_each_rows_start(lm: LoadedMod
         UpperForward(lm.model, batch, 5, starts=[0, 0])
 
 
+def test_cached_prefix_is_refused_for_sliding_windows_and_other_attention() -> None:
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MistralConfig
+
+    def model(config: object, attention: str) -> SimpleNamespace:
+        config._attn_implementation = attention  # type: ignore[attr-defined]
+        return SimpleNamespace(config=config)
+
+    assert hooks._plain_cache(model(LlamaConfig(num_hidden_layers=2), "sdpa"))
+    assert hooks._plain_cache(
+        model(MistralConfig(num_hidden_layers=2, sliding_window=None), "eager")
+    )
+    # a hand-built 4D mask would ignore the window, and the window's cache drops keys
+    assert not hooks._plain_cache(
+        model(MistralConfig(num_hidden_layers=2, sliding_window=8), "sdpa")
+    )
+    assert not hooks._plain_cache(model(LlamaConfig(num_hidden_layers=2), "flash_attention_2"))
+
+
 def test_upper_shortcut_is_refused_where_blocks_are_typed_by_position() -> None:
     from types import SimpleNamespace
 

@@ -176,6 +176,15 @@ def test_config_overrides_reach_nested_fields_and_refuse_bad_ones() -> None:
         with_overrides(LokiConfig(), {"top_k": "four"})
     with pytest.raises(ValueError, match=r"^lr:"):  # the config's own check
         with_overrides(LokiConfig(), {"target.lr": "0"})
+    with pytest.raises(ValueError, match=r"^top_k: expected a int"):
+        with_overrides(LokiConfig(), {"top_k": "2.0"})
+    with pytest.raises(ValueError, match=r"^top_k: '\{\[1\]: 2\}' is not a Python literal"):
+        with_overrides(LokiConfig(), {"top_k": "{[1]: 2}"})
+    with pytest.raises(ValueError, match=r"^target: expected a TargetValueConfig"):
+        with_overrides(LokiConfig(), {"target.lr": "2", "target": "3"})
+    with pytest.raises(ValueError, match=r"^target\.: missing the setting"):
+        with_overrides(LokiConfig(), {"target.": "3"})
+    assert with_overrides(LokiConfig(), {"l2": "20"}).l2 == 20.0  # an int where a float is
 
 
 # ---------------------------------------------------------------- metrics on the real model

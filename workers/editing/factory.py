@@ -36,29 +36,47 @@ def _editor_and_config(method: str) -> tuple[type[Editor], type[Any]]:
     raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
 
 
+def _literal(name: str, raw: str, current: Any) -> Any:
+    """``raw`` parsed as a Python literal of the same kind as the setting's current value."""
+    try:
+        value = ast.literal_eval(raw)
+    except Exception:  # literal_eval raises ValueError, SyntaxError, TypeError, MemoryError…
+        raise ValueError(f"{name}: {raw!r} is not a Python literal") from None
+    if current is None or value is None:
+        return value  # an optional setting: the config's own checks decide
+    if isinstance(current, tuple) and isinstance(value, list | tuple):
+        return tuple(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(current):
+        raise ValueError(
+            f"{name}: expected a {type(current).__name__} like {current!r}, got {raw!r}"
+        )
+    return value
+
+
 def with_overrides(config: Any, overrides: Mapping[str, str], prefix: str = "") -> Any:
     """A copy of a config dataclass with ``{"field": "value", "nested.field": "value"}`` set.
 
-    Values are Python literals (``3``, ``0.5``, ``(4, 5)``, ``None``); the dataclass's own
-    checks then refuse what is out of range."""
+    Values are Python literals of the setting's kind (``3``, ``0.5``, ``(4, 5)``, ``None``);
+    the dataclass's own checks then refuse what is out of range."""
     changes: dict[str, Any] = {}
     nested: dict[str, dict[str, str]] = {}
     fields = {f.name for f in dataclasses.fields(config)}
     for key, raw in overrides.items():
-        head, _, rest = key.partition(".")
+        head, dot, rest = key.partition(".")
         if head not in fields:
             raise ValueError(f"{prefix}{head}: no such setting; known: {', '.join(sorted(fields))}")
+        if dot and not rest:
+            raise ValueError(f"{prefix}{key}: missing the setting after the dot")
         if rest:
             nested.setdefault(head, {})[rest] = raw
-            continue
-        try:
-            changes[head] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            raise ValueError(f"{prefix}{head}: {raw!r} is not a Python literal") from None
+        else:
+            changes[head] = _literal(prefix + head, raw, getattr(config, head))
     for head, sub in nested.items():
         inner = getattr(config, head)
-        if not dataclasses.is_dataclass(inner):
-            raise ValueError(f"{prefix}{head}: has no fields to set")
+        if head in changes or not dataclasses.is_dataclass(inner):
+            raise ValueError(f"{prefix}{head}: set as a whole and by field, or has no fields")
         changes[head] = with_overrides(inner, sub, prefix=f"{prefix}{head}.")
     return dataclasses.replace(config, **changes)
 

@@ -223,10 +223,6 @@ class LokiEditor(Editor):
         """‖W − W₀‖ / ‖W₀‖ of a candidate layer, as loaded now."""
         return float(self.drift(layer).norm()) / self.base_norm[layer]
 
-    def used(self, layer: int) -> float:
-        """Share of the layer's cumulative budget spent: ‖W − W₀‖ / (max_relative_change·‖W₀‖)."""
-        return self.relative_drift(layer) / self.config.max_relative_change
-
     # --- the edit --------------------------------------------------------------------------
     def contexts(self) -> list[str]:
         t = self.config.target
