@@ -434,3 +434,33 @@ def test_edit_phases_cli_times_every_phase(tmp_path: Path) -> None:
     parts = sum(summary[p]["median"] for p in ("select", "target_value", "solves", "mpes"))
     assert parts <= summary["total"]["median"]
     assert loki.optimise_target_values is before  # the timers are taken off again
+
+
+def test_per_edit_windows_follow_success_choices_and_drift(tmp_path: Path) -> None:
+    from bench import per_edit
+
+    def row(i: int, success: bool, layers: list[int], change: float) -> dict[str, object]:
+        names = {f"model.layers.{layer}.mlp.down_proj.weight": change for layer in layers}
+        return {
+            "index": i,
+            "success": success,
+            "selected_layers": layers,
+            "relative_change": names,
+            "seconds": 1.0 + i,
+            "steps": 5,
+        }
+
+    rows = [row(0, True, [3, 4], 0.1), row(1, False, [4, 5], 0.2), row(2, True, [3], 0.3)]
+    rows.append({"index": 3, "error": "RuntimeError: boom", "success": False})
+    path = tmp_path / "per_edit.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    table = per_edit.windows(per_edit.read_rows(path), 2)
+    assert [w["edits"] for w in table] == ["0-1", "2-3"]
+    assert [w["success"] for w in table] == [0.5, 1.0]
+    assert table[0]["chosen"] == {3: 1, 4: 2, 5: 1}
+    assert table[0]["relative_change"] == {"3": 0.1, "4": 0.2, "5": 0.2}
+    assert table[1]["relative_change"]["3"] == 0.3  # the latest value carries on
+    assert table[1]["failed"] == 1 and table[1]["median_seconds"] == 3.0
+    assert "| 0-1 | 0.50 |" in per_edit.render(table)
+    with pytest.raises(ValueError, match=r"^window"):
+        per_edit.windows(rows, 0)
