@@ -90,12 +90,14 @@ class LokiConfig:
     # text. 50 CounterFact edits: perplexity 20.56 → 20.23 (unedited 20.01), specificity 0.76 →
     # 0.78, efficacy 1.00 → 0.98; 200 edits: perplexity 1.20× → 1.09×, generalisation 0.90 →
     # 0.875. MPES catches what v* leaves. With the key-space solve and the upper-blocks-only
-    # forward, the median edit went 10.3 → 4.3 s (bench.edit_phases, 2 idle threads).
+    # forward, the median edit went 10.3 → 4.3 s (bench.edit_phases, 2 idle threads). Four
+    # contexts, not five: median edit 3.55 → 2.75 s; 200 edits 0.96/0.875/0.665 → 0.97/0.89/
+    # 0.705, perplexity 1.09× → 1.10×, fluency 1.01× → 0.96× (docs/bench/loki-200-ctx4).
     target: TargetValueConfig = field(
         default_factory=lambda: TargetValueConfig(
             steps=20,
             lr=2.0,
-            n_contexts=5,
+            n_contexts=4,
             context_length=8,
             clamp_norm_factor=0.5,
             loss_stop=0.1,
