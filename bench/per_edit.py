@@ -25,7 +25,8 @@ def windows(rows: Sequence[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     change: dict[str, float] = {}
     for start in range(0, len(rows), size):
-        chunk = [r for r in rows[start : start + size] if "error" not in r]
+        window = rows[start : start + size]
+        chunk = [r for r in window if "error" not in r]
         chosen: Counter[int] = Counter()
         for row in chunk:
             chosen.update(row.get("selected_layers", []))
@@ -33,9 +34,9 @@ def windows(rows: Sequence[dict[str, Any]], size: int) -> list[dict[str, Any]]:
                 change[_layer_of(name)] = value
         out.append(
             {
-                "edits": f"{start}-{start + len(rows[start : start + size]) - 1}",
+                "edits": f"{start}-{start + len(window) - 1}",
                 "success": sum(bool(r.get("success")) for r in chunk) / max(1, len(chunk)),
-                "failed": len(rows[start : start + size]) - len(chunk),
+                "failed": len(window) - len(chunk),
                 "median_seconds": statistics.median(r["seconds"] for r in chunk) if chunk else None,
                 "median_steps": statistics.median(r["steps"] for r in chunk) if chunk else None,
                 "chosen": dict(sorted(chosen.items())),

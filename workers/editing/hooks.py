@@ -217,11 +217,9 @@ class UpperForward:
             self.starts = torch.tensor(list(starts), device=device).clamp_min(0)
             if len(self.starts) != len(self.lengths) or bool((self.starts >= self.lengths).any()):
                 raise ValueError("starts: one column per row, inside the row")
+        # decided once: _plain_cache builds a cache object, and this is read on every step
+        self.cached = bool(self.starts.max() > 0) and _plain_cache(model)
         self._prefix: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
-
-    @property
-    def cached(self) -> bool:
-        return bool(self.starts.max() > 0) and _plain_cache(self.model)
 
     def _run(self, positions: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         with only_blocks_from(self.model, self.layer + 1):
