@@ -464,3 +464,17 @@ def test_per_edit_windows_follow_success_choices_and_drift(tmp_path: Path) -> No
     assert "| 0-1 | 0.50 |" in per_edit.render(table)
     with pytest.raises(ValueError, match=r"^window"):
         per_edit.windows(rows, 0)
+
+
+def test_layer_cost_cli_measures_a_complete_edit_per_layer(tmp_path: Path) -> None:
+    from bench import layer_cost
+
+    assert layer_cost.parse_layers("1-3,6") == [1, 2, 3, 6]
+    summary = layer_cost.main(
+        ["--n", "1", "--layers", "3", "--ppl-tokens", "128", "--out", str(tmp_path)]
+    )
+    cost = summary["layers"][3]
+    assert cost["delta_norm"] > 0 and math.isfinite(cost["ppl_increase"])
+    assert cost["ppl_increase"] != 0  # the change was in place while perplexity was read
+    assert json.loads((tmp_path / "layer-cost.json").read_text())["layers"]["3"] == cost
+    assert (tmp_path / "layer-cost.png").stat().st_size > 0

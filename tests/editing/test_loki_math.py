@@ -114,6 +114,21 @@ def test_ridge_update_with_a_prior_solves_the_regularised_normal_equations() -> 
     assert float((b @ half).norm()) < float((plain @ half).norm())
 
 
+def test_exact_ridge_update_delivers_the_whole_share_in_the_same_directions() -> None:
+    gen = torch.Generator().manual_seed(9)
+    d = 30
+    proj = Projector(torch.linalg.qr(torch.randn(d, 8, generator=gen, dtype=torch.float64)).Q)
+    keys = torch.randn(d, 2, generator=gen, dtype=torch.float64)
+    share = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    past = torch.randn(4, d, generator=gen, dtype=torch.float64)
+    ridge_a, ridge_b = proj.ridge_update(keys, share, past, 10.0)
+    exact_a, exact_b = proj.ridge_update(keys, share, past, 10.0, exact=True)
+    assert not torch.allclose(ridge_a @ ridge_b @ keys, share, atol=1e-3)  # the ridge shrinks
+    assert torch.allclose(exact_a @ exact_b @ keys, share, atol=1e-10)
+    assert torch.allclose(exact_b, ridge_b)  # same input directions: still in the null space
+    assert torch.allclose(exact_a @ exact_b @ proj.matrix(), exact_a @ exact_b, atol=1e-10)
+
+
 def test_energy_basis_keeps_the_directions_holding_the_asked_share() -> None:
     basis = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(8))).Q
     moment = basis @ torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5, 0.3, 0.2])) @ basis.T

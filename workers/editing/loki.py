@@ -60,8 +60,11 @@ _STATE_KEY = re.compile(r"^keys\.(\d+)$")
 
 @dataclass
 class LokiConfig:
-    # None = layers in [10%, 30%) of depth: on SmolLM2 the early-middle MLPs hold the facts
-    # (DESIGN §3: layers 4–6 edit far better than 8–10).
+    # None = layers in [10%, 20%] of depth (3–6 of SmolLM2's 30): the early-middle MLPs hold the
+    # facts (DESIGN §3: layers 4–6 edit far better than 8–10), and a complete edit costs more
+    # perplexity the deeper it is made (python -m bench.layer_cost, 10 edits each: +0.003 at
+    # layer 3, +0.008–0.012 at 4–6, +0.021 at 7, +0.028 at 8). With layers 3–8 perplexity rose
+    # 1.10× over 200 CounterFact edits; with 3–6, 1.08× (exact fit) or 1.03× (ridge fit).
     candidate_layers: tuple[int, ...] | None = None
     top_k: int = 3
     hsic_eps: float = DEFAULT_EPS
@@ -82,6 +85,12 @@ class LokiConfig:
     self_text_energy: float = 0.0
     self_text_weight: float = 0.0
     l2: float = 10.0  # α: ridge of the projected solve
+    # True: each layer delivers its whole share of v* (ΔW K = R); the ridge then only picks the
+    # input directions. False: the ridge also shrinks how much is delivered, and the layers above
+    # and MPES make up what the target still needs. 200 CounterFact edits, layers 3–6: exact
+    # 0.995/0.90/0.68, perplexity 1.08×, fluency 1.00×; ridge 0.985/0.855/0.665, 1.03×, 0.96×.
+    # Exact is the default because it keeps generalisation; ridge is the low-perplexity setting.
+    exact_fit: bool = True
     # v*: the residual value the edit must produce (contexts are shared with layer selection).
     # Fewer, shorter contexts than MEMIT's 6×10 tokens: v*'s forward/backward passes are most of
     # an edit's time. Smaller (‖δ‖ ≤ 0.5‖h‖, not 0.75) and stopped once the target's NLL is
@@ -124,7 +133,7 @@ class LokiConfig:
         """Validate against the model and return the candidate layers."""
         layers = self.candidate_layers
         if layers is None:
-            lo, hi = max(1, round(0.1 * num_layers)), max(2, round(0.3 * num_layers))
+            lo, hi = max(1, round(0.1 * num_layers)), max(2, round(0.2 * num_layers) + 1)
             layers = tuple(range(lo, hi))
         if not layers:
             raise ValueError("candidate_layers: must not be empty")
@@ -310,7 +319,7 @@ class LokiEditor(Editor):
             prior = None
             if cfg.self_text_weight > 0:
                 prior = cfg.self_text_weight * self.self_text_moments[layer].to(keys)
-            return projector.ridge_update(keys, share, past, cfg.l2, prior)
+            return projector.ridge_update(keys, share, past, cfg.l2, prior, exact=cfg.exact_fit)
 
         deltas = spread_over_layers(
             self.model, self.tokenizer, requests, contexts, chosen, values.z, solve

@@ -78,6 +78,7 @@ class Projector:
         past_keys: torch.Tensor,
         l2: float,
         prior: torch.Tensor | None = None,
+        exact: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (a, b) of AlphaEdit's change under this P: ΔW = R Xᵀ with
         X = (P G P + αI)⁻¹ P K, G = KKᵀ + K_pK_pᵀ (equal to AlphaEdit's (P G + αI)⁻¹ P K: X
@@ -89,6 +90,9 @@ class Projector:
         d × d matrix (0.9 → 0.3 s per edit over three SmolLM2 layers). Once there are more keys
         than dimensions, or with a ``prior`` (d × d, symmetric PSD, added to G), the d × d system
         is solved by Cholesky instead.
+
+        ``exact``: rescale R to R (XᵀK)⁻¹ so that ΔW K = R exactly: the ridge then chooses only
+        the change's input directions, not how much of R it delivers.
         """
         n = keys.shape[1]
         m = torch.cat([keys, past_keys.T.to(keys)], dim=1)
@@ -99,12 +103,14 @@ class Projector:
             x = a @ torch.linalg.solve(
                 inner, torch.eye(a.shape[1], n, dtype=a.dtype, device=a.device)
             )
-            return share, x.T
-        gram = a @ a.T
-        if prior is not None:
-            gram = gram + self.apply(self.apply(prior.to(keys)).T)  # + P prior P
-        gram.diagonal().add_(l2)
-        x = torch.cholesky_solve(a[:, :n], torch.linalg.cholesky(gram))
+        else:
+            gram = a @ a.T
+            if prior is not None:
+                gram = gram + self.apply(self.apply(prior.to(keys)).T)  # + P prior P
+            gram.diagonal().add_(l2)
+            x = torch.cholesky_solve(a[:, :n], torch.linalg.cholesky(gram))
+        if exact:
+            share = torch.linalg.solve((x.T @ keys).T, share.T).T  # R (XᵀK)⁻¹: ΔW K = R
         return share, x.T
 
     def ratio(self, keys: torch.Tensor) -> float:
