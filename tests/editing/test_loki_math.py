@@ -127,6 +127,10 @@ def test_exact_ridge_update_delivers_the_whole_share_in_the_same_directions() ->
     assert torch.allclose(exact_a @ exact_b @ keys, share, atol=1e-10)
     assert torch.allclose(exact_b, ridge_b)  # same input directions: still in the null space
     assert torch.allclose(exact_a @ exact_b @ proj.matrix(), exact_a @ exact_b, atol=1e-10)
+    twice = torch.cat([keys[:, :1], keys[:, :1]], dim=1)  # one key asked for two values
+    a, b = proj.ridge_update(twice, share, past, 10.0, exact=True)
+    assert torch.isfinite(a @ b).all()
+    assert torch.allclose(a @ b @ twice[:, :1], share.mean(dim=1, keepdim=True), atol=1e-8)
 
 
 def test_energy_basis_keeps_the_directions_holding_the_asked_share() -> None:

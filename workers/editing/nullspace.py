@@ -110,7 +110,10 @@ class Projector:
             gram.diagonal().add_(l2)
             x = torch.cholesky_solve(a[:, :n], torch.linalg.cholesky(gram))
         if exact:
-            share = torch.linalg.solve((x.T @ keys).T, share.T).T  # R (XᵀK)⁻¹: ΔW K = R
+            # R (XᵀK)⁺, so ΔW K = R. XᵀK = Kᵀ P (PGP + αI)⁻¹ P K is symmetric; the pseudo-inverse
+            # keeps a batch with two requests on the same key (one value for both) solvable.
+            fit = torch.linalg.pinv(x.T @ keys, hermitian=True, rtol=1e-8)
+            share = share @ fit
         return share, x.T
 
     def ratio(self, keys: torch.Tensor) -> float:
