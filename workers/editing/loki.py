@@ -10,7 +10,8 @@ Per edit (DESIGN §3, with the changes measured in README "LOKI"):
    input directions (read off the weights, no corpus) and this edit's own context-token keys —
    and regularised against the keys of every earlier edit (soft, so capacity never runs out):
        ΔW = R Kᵀ P ((K_p K_pᵀ + K Kᵀ) P + α I)⁻¹
-   The change is exactly rank ≤ requests and ΔW·P = ΔW;
+   with R rescaled so that ΔW K = R (``exact_fit``: the ridge picks the directions, not how
+   much arrives). The change is exactly rank ≤ requests and ΔW·P = ΔW;
 5. MPES: if the target is not yet top-1 on every observation, projected gradient steps on the
    change's output factor (its input directions stay in the null space), stopping a couple of
    steps after success; Frobenius bounds cap the per-edit and cumulative change;

@@ -91,7 +91,7 @@ class Projector:
         than dimensions, or with a ``prior`` (d × d, symmetric PSD, added to G), the d × d system
         is solved by Cholesky instead.
 
-        ``exact``: rescale R to R (XᵀK)⁻¹ so that ΔW K = R exactly: the ridge then chooses only
+        ``exact``: rescale R to R (XᵀK)⁺ so that ΔW K = R exactly: the ridge then chooses only
         the change's input directions, not how much of R it delivers.
         """
         n = keys.shape[1]
