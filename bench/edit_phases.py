@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bench.cli import COUNTERFACT, add_threads, use_threads
 from workers.editing import loki
 from workers.editing.datasets import load_records
 from workers.editing.model import load_model
@@ -49,13 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m bench.edit_phases", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--data", default="../shared/data/counterfact/train.json")
+    p.add_argument("--data", default=COUNTERFACT)
     p.add_argument("--n", type=int, default=12)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads(p)
     p.add_argument("--out", type=Path, default=Path("results/edit-phases.json"))
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args)
 
     lm = load_model()
     records = load_records(args.data, n=args.n)

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bench.cli import COUNTERFACT, add_threads, use_threads
 from workers.editing.datasets import DATASETS, EvalRecord, load_records
 from workers.editing.evaluate import (
     EDIT_METRICS,
@@ -42,7 +43,7 @@ from workers.editing.model import load_model
 log = logging.getLogger("bench.editing")
 
 DEFAULT_DATA = {
-    "counterfact": "../shared/data/counterfact/train.json",
+    "counterfact": COUNTERFACT,
     "zsre": "../shared/data/zsre/train-1k.json",
 }
 METRICS = (*EDIT_METRICS, "fluency", "perplexity")
@@ -71,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ppl-tokens", type=int, help="score only the fixed text's first N tokens (smoke runs)"
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads(p)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -243,8 +244,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args)
     seed_everything(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from bench.cli import COUNTERFACT
 from workers.editing.arch import down_proj
 from workers.editing.datasets import load_records
 from workers.editing.evaluate import fixed_text
@@ -43,7 +44,7 @@ def eigen_basis(moment: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.keyspace", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="../shared/data/counterfact/train.json")
+    p.add_argument("--data", default=COUNTERFACT)
     p.add_argument("--n", type=int, default=60, help="CounterFact records for subject keys")
     p.add_argument("--out", type=Path, default=Path("results/keyspace.json"))
     args = p.parse_args(argv)

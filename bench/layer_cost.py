@@ -17,9 +17,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
+from bench.cli import COUNTERFACT, add_threads, use_threads
 from workers.editing.datasets import load_records
 from workers.editing.evaluate import perplexity
 from workers.editing.hooks import applied
@@ -60,15 +60,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(
         prog="python -m bench.layer_cost", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--data", default="../shared/data/counterfact/train.json")
+    p.add_argument("--data", default=COUNTERFACT)
     p.add_argument("--n", type=int, default=10, help="records edited per layer")
     p.add_argument("--layers", type=parse_layers, default=parse_layers("1-8"))
     p.add_argument("--ppl-tokens", type=int, help="score only the fixed text's first tokens")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads(p)
     p.add_argument("--out", type=Path, default=Path("results/layer-cost"))
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args)
 
     lm = load_model()
     model, tokenizer = lm.model, lm.tokenizer
