@@ -205,6 +205,68 @@ def test_target_value_stops_once_the_target_nll_is_low(lm: LoadedModel) -> None:
         TargetValueConfig(nll_stop=-1.0)
 
 
+def test_sensitivity_penalty_turns_v_star_away_from_sensitive_directions(
+    lm: LoadedModel,
+) -> None:
+    request, contexts = [MADRID], ["{}"]
+    free = optimise_target_values(lm.model, lm.tokenizer, request, 5, contexts, FAST)
+    move = (free.z - free.initial)[0]
+    # make the directions the unpenalised δ uses most 20× as costly as the rest
+    d = move.numel()
+    hot = move.abs() >= move.abs().median()
+    weights = torch.where(hot, 20.0, 1.0)
+    fisher = torch.diag(weights * d / weights.sum())
+    steered = optimise_target_values(
+        lm.model,
+        lm.tokenizer,
+        request,
+        5,
+        contexts,
+        replace(FAST, sensitivity_weight=20.0),
+        fisher,
+    )
+    moved = (steered.z - steered.initial)[0]
+
+    def cost(v: torch.Tensor) -> float:
+        return float(v @ fisher @ v) / float(v @ v)
+
+    assert cost(moved) < 0.8 * cost(move)
+    assert steered.nll < 2.0  # the target is still learnt
+    with pytest.raises(ValueError, match=r"^sensitivity_weight:"):
+        optimise_target_values(
+            lm.model, lm.tokenizer, request, 5, contexts, replace(FAST, sensitivity_weight=1.0)
+        )
+    with pytest.raises(ValueError, match=r"^sensitivity_weight:"):
+        TargetValueConfig(sensitivity_weight=-1.0)
+
+
+def test_residual_fisher_is_normalised_psd_and_cached(
+    lm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.editing import sensitivity
+
+    def fisher(cache: Path) -> dict[int, torch.Tensor]:
+        return sensitivity.residual_fisher(
+            lm.model, lm.tokenizer, (3, 5), max_tokens=48, cache_dir=cache
+        )
+
+    got = fisher(tmp_path)
+    d = lm.model.config.hidden_size
+    for matrix in got.values():
+        assert matrix.shape == (d, d)
+        assert torch.allclose(matrix, matrix.T, atol=1e-4)
+        assert float(torch.trace(matrix)) == pytest.approx(d, rel=1e-4)
+        assert float(torch.linalg.eigvalsh(matrix.double()).min()) > -1e-3
+    assert not torch.allclose(got[3], got[5])
+    assert len(list(tmp_path.glob("*-fisher-layer*.safetensors"))) == 2
+
+    def recompute(*_args: object) -> None:
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(sensitivity, "_fisher", recompute)
+    assert torch.equal(fisher(tmp_path)[3], got[3])
+
+
 # the closed-form updates, on the real statistics -------------------------------------------
 
 

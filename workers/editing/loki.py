@@ -50,6 +50,7 @@ from workers.editing.nullspace import (
 from workers.editing.requests import EditRequest
 from workers.editing.result import EditResult, LayerScore
 from workers.editing.selftext import OPENINGS
+from workers.editing.sensitivity import residual_fisher
 from workers.editing.spread import spread_over_layers
 from workers.editing.stats import key_second_moments
 from workers.editing.target_value import KL_TEMPLATE, TargetValueConfig, optimise_target_values
@@ -191,6 +192,12 @@ class LokiEditor(Editor):
             if self.config.uses_self_text
             else {}
         )
+        # layer → F̂ of self-sampled text at the block's output, for v*'s sensitivity penalty
+        self.sensitivity = (
+            residual_fisher(model, tokenizer, self.layers)
+            if self.config.target.sensitivity_weight > 0
+            else {}
+        )
         self.past_keys = {
             layer: torch.zeros(0, m.in_features) for layer, m in self.modules.items()
         }  # layer → (n_past, d_ff): subject keys of every applied edit, on the CPU
@@ -304,7 +311,13 @@ class LokiEditor(Editor):
         scores, chosen, context_keys = self._select_layers(requests, contexts)
         drift = {layer: self.drift(layer) for layer in chosen}
         values = optimise_target_values(
-            self.model, self.tokenizer, requests, chosen[-1], contexts, cfg.target
+            self.model,
+            self.tokenizer,
+            requests,
+            chosen[-1],
+            contexts,
+            cfg.target,
+            self.sensitivity.get(chosen[-1]),
         )
         key_ratio: dict[str, float] = {}
 

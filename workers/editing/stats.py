@@ -171,7 +171,7 @@ def key_second_moments(
         path = root / f"{name}{tag}-layer{layer}-n{n_tokens}.safetensors"
         if memo_key in _memo:
             out[layer] = _memo[memo_key]
-        elif path.is_file() and _cached_sha(path) == sha:
+        elif path.is_file() and cached_sha(path) == sha:
             out[layer] = _memo[memo_key] = load_file(path)["mom2"]
         else:
             missing.append(layer)
@@ -187,17 +187,17 @@ def key_second_moments(
             # filed under the count the lookup computes, so a short generation cannot make
             # every later lookup miss; the true count is kept in the metadata
             path = root / f"{name}{tag}-layer{layer}-n{n_tokens}.safetensors"
-            _save_atomic(path, moment, {"tokens": str(count), "text_sha256": sha})
+            save_atomic(path, moment, {"tokens": str(count), "text_sha256": sha})
             out[layer] = _memo[(name + tag, layer, n_tokens, sha)] = moment
     return out
 
 
-def _cached_sha(path: Path) -> str | None:
+def cached_sha(path: Path) -> str | None:
     with safe_open(str(path), framework="pt") as handle:
         return (handle.metadata() or {}).get("text_sha256")
 
 
-def _save_atomic(path: Path, moment: torch.Tensor, metadata: dict[str, str]) -> None:
+def save_atomic(path: Path, moment: torch.Tensor, metadata: dict[str, str]) -> None:
     """Write beside the target and rename, so a crash never leaves a truncated cache file."""
     fd, tmp = tempfile.mkstemp(prefix=".stats-", dir=path.parent)
     os.close(fd)

@@ -45,6 +45,10 @@ class TargetValueConfig:
     n_contexts: prompts per request: the bare prompt plus ``n_contexts - 1`` generated prefixes
         (MEMIT: 1 + 5), so the new value works beyond the exact edit prompt.
     context_length: tokens per generated prefix (MEMIT: 10).
+    sensitivity_weight: weight of δᵀF̂δ/‖h‖², F̂ the Fisher of ordinary text at v*'s layer
+        (``workers.editing.sensitivity``, mean eigenvalue 1): turns δ towards directions the
+        model's next-token predictions on ordinary text care least about, since every token
+        that reads the edit's key direction is pushed along δ. 0: off (MEMIT, AlphaEdit).
     """
 
     steps: int = 25
@@ -56,6 +60,7 @@ class TargetValueConfig:
     nll_stop: float = 0.0
     n_contexts: int = 6
     context_length: int = 10
+    sensitivity_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_count("steps", self.steps)
@@ -67,6 +72,7 @@ class TargetValueConfig:
         check_positive("nll_stop", self.nll_stop, allow_zero=True)
         check_count("n_contexts", self.n_contexts)
         check_count("context_length", self.context_length)
+        check_positive("sensitivity_weight", self.sensitivity_weight, allow_zero=True)
 
 
 @dataclass
@@ -85,9 +91,14 @@ def optimise_target_values(
     z_layer: int,
     contexts: Sequence[str],
     config: TargetValueConfig,
+    sensitivity: torch.Tensor | None = None,
 ) -> TargetValues:
     """All requests at once, one δ each; their losses are independent, so this equals MEMIT's
-    per-request loop except that the early stop waits for the slowest request."""
+    per-request loop except that the early stop waits for the slowest request.
+
+    ``sensitivity``: F̂ (d_model × d_model) at ``z_layer``, needed when the config weighs it."""
+    if config.sensitivity_weight > 0 and sensitivity is None:
+        raise ValueError("sensitivity_weight: set, but no sensitivity matrix was given")
     device = next(model.parameters()).device
     n_req, n_ctx = len(requests), len(contexts)
     prompts = contextual_prompts(requests, contexts)
@@ -119,6 +130,9 @@ def optimise_target_values(
         out[rows, subject_pos] = delta[owner].to(out.dtype)
         return out
 
+    fisher = None
+    if config.sensitivity_weight > 0 and sensitivity is not None:
+        fisher = sensitivity.to(device=device, dtype=torch.float32)
     opt = torch.optim.Adam([delta], lr=config.lr)
     kl_init: torch.Tensor | None = None
     nll_value, loss_value, steps = float("nan"), float("nan"), 0
@@ -135,6 +149,9 @@ def optimise_target_values(
             kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(dim=-1)
             decay = delta.norm(dim=-1) / initial.norm(dim=-1) ** 2
             losses = nll + config.kl_factor * kl + config.weight_decay * decay
+            if fisher is not None:
+                cost = ((delta @ fisher) * delta).sum(dim=-1) / initial.norm(dim=-1) ** 2
+                losses = losses + config.sensitivity_weight * cost
             nll_value, loss_value = float(nll.detach().mean()), float(losses.detach().mean())
             done = bool((losses < config.loss_stop).all()) or bool((nll < config.nll_stop).all())
             if done or step == config.steps - 1:
