@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.cli import COUNTERFACT, add_threads, use_threads
+from bench.cli import COUNTERFACT, add_overrides, add_threads, read_overrides, use_threads
 from workers.editing.datasets import DATASETS, EvalRecord, load_records
 from workers.editing.evaluate import (
     EDIT_METRICS,
@@ -73,19 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ppl-tokens", type=int, help="score only the fixed text's first N tokens (smoke runs)"
     )
     add_threads(p)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change one setting of the method's config, e.g. top_k=4 or target.lr=1.5 (repeat)",
-    )
+    add_overrides(p)
     args = p.parse_args(argv)
-    for item in args.overrides:
-        if "=" not in item:
-            p.error(f"--set {item!r}: expected KEY=VALUE")
-    args.overrides = dict(item.split("=", 1) for item in args.overrides)
+    read_overrides(p, args)
     if args.n < 1 or args.offset < 0 or args.checkpoint_every < 0:
         p.error("--n must be positive, --offset and --checkpoint-every not negative")
     args.data = args.data or Path(DEFAULT_DATA[args.dataset])

@@ -478,3 +478,36 @@ def test_layer_cost_cli_measures_a_complete_edit_per_layer(tmp_path: Path) -> No
     assert cost["ppl_increase"] != 0  # the change was in place while perplexity was read
     assert json.loads((tmp_path / "layer-cost.json").read_text())["layers"]["3"] == cost
     assert (tmp_path / "layer-cost.png").stat().st_size > 0
+
+
+def test_drift_cli_splits_the_drift_by_layer(tmp_path: Path) -> None:
+    from bench import drift
+
+    summary = drift.main(["--n", "2", "--ppl-tokens", "128", "--out", str(tmp_path)])
+    layers = summary["layers"]
+    assert sum(row["edits"] for row in layers.values()) == 2 * 3  # top 3 layers per edit
+    ppl = summary["perplexity"]
+    assert ppl["edited"] != ppl["unedited"]
+    for row in layers.values():
+        assert row["ppl_alone"] != ppl["unedited"]  # that layer's change was in place
+        assert row["quadrature_ratio"] > 0 and row["median_delta_norm"] > 0
+        assert row["median_output_norm"] > 0 and 0 < row["relative_change"] < 1
+    assert 0 < summary["tokens"]["share_more_likely"] < 1
+    written = json.loads((tmp_path / "drift.json").read_text())
+    assert written["layers"][str(next(iter(layers)))] == next(iter(layers.values()))
+    assert (tmp_path / "drift.png").stat().st_size > 0
+
+
+def test_quadrature_ratio_tells_aligned_from_orthogonal_changes() -> None:
+    from bench.drift import quadrature_ratio
+
+    keys = torch.eye(4)
+    out = torch.tensor([[1.0], [0.0], [0.0]])
+
+    def change(column: int) -> MatrixDelta:
+        b = torch.zeros(1, 4)
+        b[0, column] = 1.0
+        return MatrixDelta(name="w", a=out, b=b)
+
+    assert quadrature_ratio([change(0), change(1), change(2)], keys) == pytest.approx(1.0)
+    assert quadrature_ratio([change(0), change(0), change(0)], keys) == pytest.approx(3.0)

@@ -298,15 +298,15 @@ def fluency(
 
 
 @torch.no_grad()
-def perplexity(
+def token_nll(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     text: str | None = None,
     *,
     window: int = 512,
     max_tokens: int | None = None,
-) -> float:
-    """exp(mean next-token NLL) over ``text`` (default: the shipped fixed text).
+) -> torch.Tensor:
+    """Next-token NLL of every scored token of ``text`` (default: the shipped fixed text), fp32.
 
     The text is cut into consecutive windows scored independently; the first token of each
     window has no context and is not scored. Deterministic, so figures compare across runs.
@@ -317,13 +317,25 @@ def perplexity(
     if len(ids) < 2:
         raise ValueError("text: needs at least two tokens")
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    parts: list[torch.Tensor] = []
     for start in range(0, len(ids), window):
         piece = ids[start : start + window]
         if len(piece) < 2:
             continue
         x = torch.tensor([piece], device=device)
         logits = model(input_ids=x).logits[0, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
-        count += len(piece) - 1
-    return math.exp(total / count)
+        parts.append(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none").cpu())
+    return torch.cat(parts)
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str | None = None,
+    *,
+    window: int = 512,
+    max_tokens: int | None = None,
+) -> float:
+    """exp(mean next-token NLL) over ``text``, scored as ``token_nll`` scores it."""
+    nll = token_nll(model, tokenizer, text, window=window, max_tokens=max_tokens)
+    return math.exp(float(nll.double().mean()))

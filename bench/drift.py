@@ -1,0 +1,175 @@
+"""Where the perplexity drift of sequential LOKI edits comes from.
+
+    python -m bench.drift --n 100 --threads 1 --out results/drift/
+
+Applies N CounterFact edits with LOKI (``--set`` changes its config), then reads on the fixed
+text:
+- per edited layer, the perplexity with only that layer's accumulated change in place (the
+  others back at W₀), against all of them together;
+- per layer, how the edits' effects on the text's down-projection outputs add up: ‖Σᵢ ΔWᵢK‖²
+  ÷ Σᵢ ‖ΔWᵢK‖², 1 when they are uncorrelated, up to N when they all push one way;
+- per layer, the median ‖ΔW‖ and the median ‖a‖ of the factored changes (with ``exact_fit``,
+  bᵀk = 1, so ‖a‖ is the part of v* − h that the layer delivered);
+- per token, how the damage is spread: the share of tokens that got more likely, and the share
+  of the net NLL increase carried by the 100 most damaged tokens.
+Writes ``drift.json`` and ``drift.png`` (perplexity increase per layer alone, and all together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from bench.cli import COUNTERFACT, add_overrides, add_threads, read_overrides, use_threads
+from workers.editing.arch import down_proj
+from workers.editing.datasets import load_records
+from workers.editing.delta import MatrixDelta
+from workers.editing.evaluate import fixed_text, token_nll
+from workers.editing.factory import build_editor
+from workers.editing.hooks import read_inputs
+from workers.editing.loki import LokiEditor
+from workers.editing.model import load_model
+
+TOP_TOKENS = 100
+
+
+def text_keys(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: list[int],
+    max_tokens: int | None,
+) -> dict[int, torch.Tensor]:
+    """layer → the fixed text's down-projection inputs (tokens × d_ff), on the model as it is."""
+    ids = tokenizer(fixed_text(), add_special_tokens=False)["input_ids"][:max_tokens]
+    modules = {layer: down_proj(model, layer) for layer in layers}
+    store: dict[int, torch.Tensor] = {}
+    keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    device = next(model.parameters()).device
+    with torch.no_grad(), read_inputs(modules, store):
+        for start in range(0, len(ids), 512):
+            model(input_ids=torch.tensor([ids[start : start + 512]], device=device))
+            for layer in layers:
+                keys[layer].append(store[layer].reshape(-1, store[layer].shape[-1]).float().cpu())
+    return {layer: torch.cat(parts) for layer, parts in keys.items()}
+
+
+def quadrature_ratio(changes: list[MatrixDelta], keys: torch.Tensor) -> float:
+    """‖Σᵢ ΔWᵢK‖² ÷ Σᵢ ‖ΔWᵢK‖² over the text's keys K."""
+    outputs = [keys @ change.to_dense().float().T for change in changes]
+    together = float(torch.stack(outputs).sum(dim=0).pow(2).sum())
+    apart = sum(float(o.pow(2).sum()) for o in outputs)
+    return together / apart if apart > 0 else float("nan")
+
+
+def plot(path: Path, summary: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = summary["layers"]
+    names = [str(layer) for layer in layers] + ["all"]
+    base = summary["perplexity"]["unedited"]
+    values = [layers[layer]["ppl_alone"] - base for layer in layers]
+    values.append(summary["perplexity"]["edited"] - base)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, values, color=["C0"] * len(layers) + ["C3"])
+    ax.set_xlabel("edited layer, its accumulated change alone")
+    ax.set_ylabel("perplexity increase")
+    ax.set_title(f"Drift after {summary['n_edits']} edits, by layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m bench.drift", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=COUNTERFACT)
+    p.add_argument("--n", type=int, default=100, help="edits to apply")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--ppl-tokens", type=int, help="score only the fixed text's first tokens")
+    add_threads(p)
+    add_overrides(p)
+    p.add_argument("--out", type=Path, default=Path("results/drift"))
+    args = p.parse_args(argv)
+    read_overrides(p, args)
+    if args.n < 1 or args.offset < 0:
+        p.error("--n must be positive and --offset not negative")
+    use_threads(args)
+
+    lm = load_model()
+    model, tokenizer = lm.model, lm.tokenizer
+    records = load_records(args.data, offset=args.offset, n=args.n)
+    editor = build_editor("loki", model, tokenizer, args.overrides)
+    assert isinstance(editor, LokiEditor)
+    before = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
+    changes: dict[int, list[MatrixDelta]] = defaultdict(list)
+    successes = 0
+    for record in tqdm(records, unit="edit", desc="drift edits"):
+        result = editor.apply([record.request])
+        successes += result.success
+        for delta in result.deltas:
+            changes[int(delta.name.split(".")[2])].append(delta)
+    after = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
+    layers = sorted(changes)
+    keys = text_keys(model, tokenizer, layers, args.ppl_tokens)
+
+    per_layer: dict[int, dict[str, float]] = {}
+    weights = {layer: editor.modules[layer].weight for layer in layers}
+    edited = {layer: w.detach().clone() for layer, w in weights.items()}
+    try:
+        for layer in layers:
+            with torch.no_grad():
+                for other in layers:
+                    weights[other].copy_(edited[other] if other == layer else editor.base[other])
+            alone = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
+            factored = [float(d.a.norm()) for d in changes[layer] if d.a is not None]
+            per_layer[layer] = {
+                "edits": len(changes[layer]),
+                "ppl_alone": float(alone.double().mean().exp()),
+                "quadrature_ratio": quadrature_ratio(changes[layer], keys[layer]),
+                "median_delta_norm": statistics.median(d.norm() for d in changes[layer]),
+                "median_output_norm": statistics.median(factored) if factored else float("nan"),
+                "relative_change": editor.relative_drift(layer),
+            }
+    finally:
+        with torch.no_grad():
+            for layer, w in weights.items():
+                w.copy_(edited[layer])
+
+    increase = after - before
+    net = float(increase.sum())
+    top = float(increase.sort(descending=True).values[:TOP_TOKENS].sum())
+    summary: dict[str, Any] = {
+        "model": lm.name,
+        "n_edits": len(records),
+        "offset": args.offset,
+        "overrides": args.overrides,
+        "edit_success_rate": successes / len(records),
+        "perplexity": {
+            "unedited": float(before.double().mean().exp()),
+            "edited": float(after.double().mean().exp()),
+        },
+        "layers": per_layer,
+        "tokens": {
+            "scored": int(increase.numel()),
+            "share_more_likely": float((increase < 0).double().mean()),
+            f"share_of_net_increase_in_top_{TOP_TOKENS}": top / net if net else float("nan"),
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "drift.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    plot(args.out / "drift.png", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
