@@ -26,39 +26,17 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.cli import COUNTERFACT, add_overrides, add_threads, read_overrides, use_threads
-from workers.editing.arch import down_proj
 from workers.editing.datasets import load_records
 from workers.editing.delta import MatrixDelta
 from workers.editing.evaluate import fixed_text, token_nll
 from workers.editing.factory import build_editor
-from workers.editing.hooks import read_inputs
+from workers.editing.keys import read_text_keys
 from workers.editing.loki import LokiEditor
 from workers.editing.model import load_model
 
 TOP_TOKENS = 100
-
-
-def text_keys(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    layers: list[int],
-    max_tokens: int | None,
-) -> dict[int, torch.Tensor]:
-    """layer → the fixed text's down-projection inputs (tokens × d_ff), on the model as it is."""
-    ids = tokenizer(fixed_text(), add_special_tokens=False)["input_ids"][:max_tokens]
-    modules = {layer: down_proj(model, layer) for layer in layers}
-    store: dict[int, torch.Tensor] = {}
-    keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    device = next(model.parameters()).device
-    with torch.no_grad(), read_inputs(modules, store):
-        for start in range(0, len(ids), 512):
-            model(input_ids=torch.tensor([ids[start : start + 512]], device=device))
-            for layer in layers:
-                keys[layer].append(store[layer].reshape(-1, store[layer].shape[-1]).float().cpu())
-    return {layer: torch.cat(parts) for layer, parts in keys.items()}
 
 
 def quadrature_ratio(changes: list[MatrixDelta], keys: torch.Tensor) -> float:
@@ -120,7 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             changes[int(delta.name.split(".")[2])].append(delta)
     after = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
     layers = sorted(changes)
-    keys = text_keys(model, tokenizer, layers, args.ppl_tokens)
+    keys = read_text_keys(
+        model, tokenizer, fixed_text(), layers, window=512, max_tokens=args.ppl_tokens
+    )
 
     per_layer: dict[int, dict[str, float]] = {}
     weights = {layer: editor.modules[layer].weight for layer in layers}

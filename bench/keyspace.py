@@ -21,8 +21,7 @@ from bench.cli import COUNTERFACT
 from workers.editing.arch import down_proj
 from workers.editing.datasets import load_records
 from workers.editing.evaluate import fixed_text
-from workers.editing.hooks import read_inputs
-from workers.editing.keys import read_at_subject
+from workers.editing.keys import read_at_subject, read_text_keys
 from workers.editing.model import load_model
 from workers.editing.nullspace import energy_basis, orthonormal_extend, weight_input_basis
 from workers.editing.stats import key_second_moments
@@ -51,21 +50,13 @@ def main(argv: list[str] | None = None) -> None:
 
     lm = load_model()
     model, tokenizer = lm.model, lm.tokenizer
-    ids = tokenizer(fixed_text(), add_special_tokens=False)["input_ids"]
-    text: dict[int, list[torch.Tensor]] = {layer: [] for layer in LAYERS}
-    store: dict[int, torch.Tensor] = {}
     modules = {layer: down_proj(model, layer) for layer in LAYERS}
-    with torch.no_grad(), read_inputs(modules, store):
-        for start in range(0, len(ids), 256):
-            model(input_ids=torch.tensor([ids[start : start + 256]], device=model.device))
-            for layer in LAYERS:
-                text[layer].append(store[layer][0])
+    text = read_text_keys(model, tokenizer, fixed_text(), LAYERS, window=256)
     requests = [r.request for r in load_records(args.data, n=args.n)]
     subject = read_at_subject(model, tokenizer, requests, ["{}"], LAYERS).keys
     own = key_second_moments(model, tokenizer, LAYERS, max_tokens=4096, source="self")
     prose = key_second_moments(model, tokenizer, LAYERS)
     # everything on the CPU: the moments are stored there, and the sizes are small
-    text = {layer: [k.cpu() for k in keys] for layer, keys in text.items()}
     subject = {layer: keys.cpu() for layer, keys in subject.items()}
 
     rows = []
@@ -77,9 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             "W0 + self-sampled 90%": orthonormal_extend(w0, energy_basis(own[layer], 0.9).T, 0.05),
             "AlphaEdit K0 (prose, eig >= 1e-2)": eigen_basis(prose[layer], 1e-2),
         }
-        keys_text = torch.cat(text[layer])
         for name, basis in spaces.items():
-            t, s = editable_share(basis, keys_text), editable_share(basis, subject[layer])
+            t, s = editable_share(basis, text[layer]), editable_share(basis, subject[layer])
             rows.append(
                 {
                     "layer": layer,

@@ -129,3 +129,17 @@ def test_layer_choice_accepts_a_rephrasing_without_the_subject(editor: LokiEdito
     assert set(scores) == set(editor.layers)
     assert len(chosen) == editor.config.top_k
     assert all(len(context_keys[layer]) > 0 for layer in chosen)
+
+
+def test_read_text_keys_reads_every_token_window_by_window(loaded_model: LoadedModel) -> None:
+    from workers.editing.keys import read_text_keys
+
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    text = "The water cycle moves water between the oceans, the air and the land."
+    short = read_text_keys(model, tok, text, [3, 5], window=4, max_tokens=10)
+    whole = read_text_keys(model, tok, text, [3, 5], window=512, max_tokens=10)
+    d_ff = model.config.intermediate_size
+    assert short[3].shape == whole[5].shape == (10, d_ff)
+    # causal: a window's first tokens see the same context either way, later ones do not
+    assert torch.allclose(short[5][:4], whole[5][:4], atol=1e-5)
+    assert not torch.allclose(short[5][4:8], whole[5][4:8], atol=1e-3)

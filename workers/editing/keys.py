@@ -76,3 +76,28 @@ def read_at_subject(
     if residual_layer is not None:
         residual = outputs[0][rows, pos].float().view(len(requests), n_ctx, -1)[:, 0]
     return SubjectReadout(keys=keys, residual=residual)
+
+
+@torch.no_grad()
+def read_text_keys(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    layers: Sequence[int],
+    *,
+    window: int,
+    max_tokens: int | None = None,
+) -> dict[int, torch.Tensor]:
+    """layer → the down-projection inputs of every token of ``text`` (tokens × d_ff, fp32, CPU),
+    the text read in consecutive windows of ``window`` tokens on the model as it is now."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    modules = {layer: down_proj(model, layer) for layer in layers}
+    store: dict[int, torch.Tensor] = {}
+    keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    device = next(model.parameters()).device
+    with read_inputs(modules, store):
+        for start in range(0, len(ids), window):
+            model(input_ids=torch.tensor([ids[start : start + window]], device=device))
+            for layer in layers:
+                keys[layer].append(store[layer][0].float().cpu())
+    return {layer: torch.cat(parts) for layer, parts in keys.items()}

@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.hooks import frozen
 from workers.editing.selftext import self_text_chunks, self_text_id, self_text_length
-from workers.editing.stats import cached_sha, default_stats_dir, model_key, save_atomic
+from workers.editing.stats import default_stats_dir, model_key, read_cached, save_atomic
 
 DEFAULT_TOKENS = 4096
 
@@ -71,11 +70,8 @@ def residual_fisher(
     name, sha = model_key(model), self_text_id()
     n_tokens = self_text_length(tokenizer, max_tokens)
     path = {layer: root / f"{name}-fisher-layer{layer}-n{n_tokens}.safetensors" for layer in layers}
-    out = {
-        layer: load_file(p)["mom2"]
-        for layer, p in path.items()
-        if p.is_file() and cached_sha(p) == sha
-    }
+    cached = {layer: read_cached(p, sha) for layer, p in path.items()}
+    out = {layer: fisher for layer, fisher in cached.items() if fisher is not None}
     missing = [layer for layer in layers if layer not in out]
     if missing:
         chunks = self_text_chunks(model, tokenizer, max_tokens)

@@ -171,8 +171,8 @@ def key_second_moments(
         path = root / f"{name}{tag}-layer{layer}-n{n_tokens}.safetensors"
         if memo_key in _memo:
             out[layer] = _memo[memo_key]
-        elif path.is_file() and cached_sha(path) == sha:
-            out[layer] = _memo[memo_key] = load_file(path)["mom2"]
+        elif (cached := read_cached(path, sha)) is not None:
+            out[layer] = _memo[memo_key] = cached
         else:
             missing.append(layer)
     if missing:
@@ -192,9 +192,14 @@ def key_second_moments(
     return out
 
 
-def cached_sha(path: Path) -> str | None:
+def read_cached(path: Path, sha: str) -> torch.Tensor | None:
+    """The statistic stored at ``path`` if it exists and was computed from the text ``sha``."""
+    if not path.is_file():
+        return None
     with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("text_sha256")
+        if (handle.metadata() or {}).get("text_sha256") != sha:
+            return None
+    return load_file(path)["mom2"]
 
 
 def save_atomic(path: Path, moment: torch.Tensor, metadata: dict[str, str]) -> None:
