@@ -191,6 +191,24 @@ def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:
         config.resolve_layers(30)
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (LokiConfig(reserve_layers=(4,)), "already a candidate"),
+        (LokiConfig(reserve_layers=(30,)), "reserve_layers"),
+        (LokiConfig(reserve_layers=None, reserve_handicap=-1.0), "reserve_handicap"),
+    ],
+)
+def test_config_refuses_bad_reserves(config: LokiConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config.resolve_reserve(30)
+
+
+def test_default_reserves_flank_the_candidates() -> None:
+    assert LokiConfig(reserve_layers=None).resolve_reserve(30) == (1, 2, 7, 8)
+    assert LokiConfig(reserve_layers=None, top_k=1).resolve_reserve(4) == (2,)
+
+
 def test_default_layers_lie_in_the_early_middle() -> None:
     layers = LokiConfig().resolve_layers(30)
     assert layers[0] >= 1 and layers[-1] < 15

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from workers.editing.loki import LokiEditor
+from workers.editing.loki import LokiConfig, LokiEditor
 from workers.editing.model import LoadedModel
 from workers.editing.requests import EditRequest
 from workers.editing.scoring import greedy_continuation
@@ -129,6 +129,24 @@ def test_layer_choice_accepts_a_rephrasing_without_the_subject(editor: LokiEdito
     assert set(scores) == set(editor.layers)
     assert len(chosen) == editor.config.top_k
     assert all(len(context_keys[layer]) > 0 for layer in chosen)
+
+
+def test_reserve_layers_take_edits_once_the_candidates_have_drifted(
+    loaded_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    editor = LokiEditor(
+        loaded_model.model, loaded_model.tokenizer, LokiConfig(reserve_layers=(2, 7))
+    )
+    assert editor.reserve == (2, 7) and editor.layers == (2, 3, 4, 5, 6, 7)
+    contexts = editor.contexts()
+    _, fresh, _ = editor._select_layers([EDIT], contexts)
+    assert not set(fresh) & {2, 7}  # the handicap keeps a fresh model's edits on the candidates
+
+    # candidates at 0.9‖W₀‖: 2·0.9 outweighs the reserves' handicap of 1.0
+    home = set(editor.layers) - set(editor.reserve)
+    monkeypatch.setattr(editor, "relative_drift", lambda layer: 0.9 * (layer in home))
+    scores, full, _ = editor._select_layers([EDIT], contexts)
+    assert {2, 7} <= set(full) and set(scores) == set(editor.layers)
 
 
 def test_read_text_keys_reads_every_token_window_by_window(loaded_model: LoadedModel) -> None:

@@ -74,6 +74,14 @@ class LokiConfig:
     # alone picked layer 8 for nearly every edit and spent its budget by edit ~70; the penalty
     # hands later edits to layers that have moved less.
     capacity_weight: float = 2.0
+    # Layers an edit may use only once the candidates have filled up: a reserve layer ranks this
+    # much lower (in capacity_weight·drift units, so it is picked once the candidates have
+    # drifted ~handicap/capacity_weight·‖W₀‖ more than it). None = the two layers either side of
+    # the default range (1–2 and 7–8 on SmolLM2), () = none. Over 1,000 edits the four default
+    # layers reached the 1.0‖W₀‖ cap by edit ~750 and most later edits failed; reserves take
+    # the overflow, while the first few hundred edits stay on the cheaper candidates.
+    reserve_layers: tuple[int, ...] | None = ()
+    reserve_handicap: float = 1.0
     # W₀'s input directions with σ ≥ this·σ_max are protected. Lower protects more of what the
     # layer already reads but leaves less room for edits.
     weight_rel_threshold: float = 0.05
@@ -160,6 +168,23 @@ class LokiConfig:
             raise ValueError("target: must be a TargetValueConfig")
         return tuple(sorted(set(layers)))
 
+    def resolve_reserve(self, num_layers: int) -> tuple[int, ...]:
+        """Validate against the model and return the reserve layers (none of the candidates)."""
+        home = self.resolve_layers(num_layers)
+        reserve = self.reserve_layers
+        if reserve is None:
+            width = max(1, round(0.05 * num_layers))
+            below = range(max(1, home[0] - width), home[0])
+            above = range(home[-1] + 1, min(num_layers, home[-1] + 1 + width))
+            reserve = (*below, *above)
+        for layer in reserve:
+            if not isinstance(layer, int) or not 0 <= layer < num_layers:
+                raise ValueError(f"reserve_layers: {layer!r} outside 0..{num_layers - 1}")
+            if layer in home:
+                raise ValueError(f"reserve_layers: {layer} is already a candidate layer")
+        check_positive("reserve_handicap", self.reserve_handicap, allow_zero=True)
+        return tuple(sorted(set(reserve)))
+
 
 class LokiEditor(Editor):
     method = "loki"
@@ -172,7 +197,11 @@ class LokiEditor(Editor):
     ) -> None:
         super().__init__(model, tokenizer)
         self.config = config or LokiConfig()
-        self.layers = self.config.resolve_layers(arch.num_layers(model))
+        self.reserve = self.config.resolve_reserve(arch.num_layers(model))
+        # every layer an edit may change: the candidates and the reserves
+        self.layers = tuple(
+            sorted(self.config.resolve_layers(arch.num_layers(model)) + self.reserve)
+        )
         self.modules = {layer: arch.down_proj(model, layer) for layer in self.layers}
         self.names = {layer: arch.down_proj_name(model, layer) for layer in self.layers}
         # W₀ of every candidate, so ‖W − W₀‖ is known whatever version is loaded later:
@@ -288,11 +317,14 @@ class LokiEditor(Editor):
             out.hidden_states[-1][mask],
             eps=self.config.hsic_eps,
         )
+        cfg = self.config
         ranked = {
-            layer: score - self.config.capacity_weight * self.relative_drift(layer)
+            layer: score
+            - cfg.capacity_weight * self.relative_drift(layer)
+            - cfg.reserve_handicap * (layer in self.reserve)
             for layer, score in scores.items()
         }
-        chosen = sorted(sorted(ranked, key=ranked.__getitem__, reverse=True)[: self.config.top_k])
+        chosen = sorted(sorted(ranked, key=ranked.__getitem__, reverse=True)[: cfg.top_k])
         # Every token but the subject's last is ordinary text the edit must not change. Without
         # this, "The capital of Japan is the city of" answered "Rome" after the Eiffel Tower
         # edit: the subject key shares "…the city of" directions with every such prompt.
