@@ -196,7 +196,7 @@ def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:
     [
         (LokiConfig(reserve_layers=(4,)), "already a candidate"),
         (LokiConfig(reserve_layers=(30,)), "reserve_layers"),
-        (LokiConfig(reserve_layers=None, reserve_handicap=-1.0), "reserve_handicap"),
+        (LokiConfig(reserve_layers=None, reserve_from=-1.0), "reserve_from"),
     ],
 )
 def test_config_refuses_bad_reserves(config: LokiConfig, message: str) -> None:

@@ -140,11 +140,17 @@ def test_reserve_layers_take_edits_once_the_candidates_have_drifted(
     assert editor.reserve == (2, 7) and editor.layers == (2, 3, 4, 5, 6, 7)
     contexts = editor.contexts()
     _, fresh, _ = editor._select_layers([EDIT], contexts)
-    assert not set(fresh) & {2, 7}  # the handicap keeps a fresh model's edits on the candidates
+    assert not set(fresh) & {2, 7}  # a fresh model's edits stay on the candidates
 
-    # candidates at 0.9‖W₀‖: 2·0.9 outweighs the reserves' handicap of 1.0
+    # one candidate still below reserve_from·cap (0.6): the reserves stay closed
     home = set(editor.layers) - set(editor.reserve)
-    monkeypatch.setattr(editor, "relative_drift", lambda layer: 0.9 * (layer in home))
+    drift = dict.fromkeys(editor.layers, 0.0) | dict.fromkeys(home, 0.9) | {3: 0.5}
+    monkeypatch.setattr(editor, "relative_drift", drift.__getitem__)
+    _, partly, _ = editor._select_layers([EDIT], contexts)
+    assert not set(partly) & {2, 7}
+
+    # every candidate at 0.9‖W₀‖: the reserves, undrifted, outrank them
+    drift[3] = 0.9
     scores, full, _ = editor._select_layers([EDIT], contexts)
     assert {2, 7} <= set(full) and set(scores) == set(editor.layers)
 

@@ -74,14 +74,14 @@ class LokiConfig:
     # alone picked layer 8 for nearly every edit and spent its budget by edit ~70; the penalty
     # hands later edits to layers that have moved less.
     capacity_weight: float = 2.0
-    # Layers an edit may use only once the candidates have filled up: a reserve layer ranks this
-    # much lower (in capacity_weight·drift units, so it is picked once the candidates have
-    # drifted ~handicap/capacity_weight·‖W₀‖ more than it). None = the two layers either side of
-    # the default range (1–2 and 7–8 on SmolLM2), () = none. Over 1,000 edits the four default
-    # layers reached the 1.0‖W₀‖ cap by edit ~750 and most later edits failed; reserves take
-    # the overflow, while the first few hundred edits stay on the cheaper candidates.
+    # Layers an edit may use only once the candidates have filled up: they join the ranking when
+    # every candidate has drifted reserve_from·max_relative_change. None = the two layers either
+    # side of the default range (1–2 and 7–8 on SmolLM2), () = none. Over 1,000 edits the four
+    # default layers reached the 1.0‖W₀‖ cap by edit ~750 and most later edits failed; reserves
+    # take the overflow while the first few hundred edits stay on the cheaper candidates. (A
+    # fixed score handicap does not work: layer 2's HSIC score sits ~0.7 above layers 3–6.)
     reserve_layers: tuple[int, ...] | None = ()
-    reserve_handicap: float = 1.0
+    reserve_from: float = 0.6
     # W₀'s input directions with σ ≥ this·σ_max are protected. Lower protects more of what the
     # layer already reads but leaves less room for edits.
     weight_rel_threshold: float = 0.05
@@ -182,7 +182,7 @@ class LokiConfig:
                 raise ValueError(f"reserve_layers: {layer!r} outside 0..{num_layers - 1}")
             if layer in home:
                 raise ValueError(f"reserve_layers: {layer} is already a candidate layer")
-        check_positive("reserve_handicap", self.reserve_handicap, allow_zero=True)
+        check_positive("reserve_from", self.reserve_from, allow_zero=True)
         return tuple(sorted(set(reserve)))
 
 
@@ -318,11 +318,15 @@ class LokiEditor(Editor):
             eps=self.config.hsic_eps,
         )
         cfg = self.config
+        drift = {layer: self.relative_drift(layer) for layer in self.layers}
+        home = [layer for layer in self.layers if layer not in self.reserve]
+        open_reserve = (
+            min(drift[layer] for layer in home) >= cfg.reserve_from * cfg.max_relative_change
+        )
         ranked = {
-            layer: score
-            - cfg.capacity_weight * self.relative_drift(layer)
-            - cfg.reserve_handicap * (layer in self.reserve)
+            layer: score - cfg.capacity_weight * drift[layer]
             for layer, score in scores.items()
+            if open_reserve or layer not in self.reserve
         }
         chosen = sorted(sorted(ranked, key=ranked.__getitem__, reverse=True)[: cfg.top_k])
         # Every token but the subject's last is ordinary text the edit must not change. Without
