@@ -76,8 +76,20 @@ class ModelLease:
 
     def release(self) -> None:
         self._stop.set()
+        if self._watch is not None and self._watch is not threading.current_thread():
+            self._watch.join(timeout=10)  # it shares the lock's connection: let it finish first
+            self._watch = None
+        was_held = self.held
         self._held.clear()
-        self._drop_conn()  # ending the database session releases the advisory lock
+        if was_held and self._conn is not None:
+            # Unlock explicitly: the server ends a dropped session (and frees its locks) a
+            # moment after the socket closes, so a successor asking at once could be refused.
+            with contextlib.suppress(Exception):
+                self._conn.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": lease_key(self.name)}
+                )
+                self._conn.commit()
+        self._drop_conn()  # and ending the session releases it in any case
         if self._file is not None:
             self._file.close()  # and closing the file releases the flock
             self._file = None
