@@ -72,6 +72,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ppl-tokens", type=int, help="score only the fixed text's first N tokens (smoke runs)"
     )
+    p.add_argument(
+        "--reject-unsuccessful",
+        action="store_true",
+        help="leave out edits whose target did not become top-1 everywhere, as the service does "
+        "(they still count in the metrics)",
+    )
     add_threads(p)
     add_overrides(p)
     args = p.parse_args(argv)
@@ -271,6 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "offset": args.offset,
         "seed": args.seed,
         "overrides": args.overrides,
+        "reject_unsuccessful": args.reject_unsuccessful,
         "config": _config_of(editor),
         "device": str(loaded.device),
         "eval_settings": {
@@ -287,14 +294,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoints": [],
     }
     seconds: list[float] = []
-    successes = failures = 0
+    successes = failures = rejected = 0
     per_edit = (args.out / "per_edit.jsonl").open("w", encoding="utf-8")
     bar = tqdm(total=len(records), desc=f"{args.method} edits", unit="edit")
     try:
         for i, rec in enumerate(records, start=1):
             row: dict[str, Any] = {"index": i - 1, "case_id": rec.case_id}
             try:
-                result = editor.apply([rec.request])
+                result = editor.apply([rec.request], require_success=args.reject_unsuccessful)
             except Exception as exc:  # a failed edit is a data point, not the end of the run
                 failures += 1
                 row |= {"error": f"{type(exc).__name__}: {exc}", "success": False}
@@ -302,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 seconds.append(result.seconds)
                 successes += bool(result.success)
+                rejected += not result.applied
                 row |= result.summary()
             per_edit.write(json.dumps(row) + "\n")
             per_edit.flush()
@@ -310,6 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 last=f"{seconds[-1]:.2f}s" if seconds else "-",
                 success=f"{successes / i:.2f}",
                 failed=failures,
+                **({"rejected": rejected} if args.reject_unsuccessful else {}),
                 refresh=False,
             )
             bar.update(1)
@@ -321,6 +330,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 summary["n_edits"] = i
                 summary["edit_success_rate"] = successes / i
                 summary["n_failed"] = failures
+                summary["n_rejected"] = rejected
                 summary["seconds_per_edit"] = timing_stats(seconds)
                 _write_json(args.out / "summary.json", summary)
                 bar.write(

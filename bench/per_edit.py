@@ -30,13 +30,16 @@ def windows(rows: Sequence[dict[str, Any]], size: int) -> list[dict[str, Any]]:
         chosen: Counter[int] = Counter()
         for row in chunk:
             chosen.update(row.get("selected_layers", []))
-            for name, value in row.get("relative_change", {}).items():
+            # an edit left out by --reject-unsuccessful reports the change it would have made
+            applied = row.get("relative_change", {}) if row.get("applied", True) else {}
+            for name, value in applied.items():
                 change[_layer_of(name)] = value
         out.append(
             {
                 "edits": f"{start}-{start + len(window) - 1}",
                 "success": sum(bool(r.get("success")) for r in chunk) / max(1, len(chunk)),
                 "failed": len(window) - len(chunk),
+                "rejected": sum(not r.get("applied", True) for r in chunk),
                 "median_seconds": statistics.median(r["seconds"] for r in chunk) if chunk else None,
                 "median_steps": statistics.median(r["steps"] for r in chunk) if chunk else None,
                 "chosen": dict(sorted(chosen.items())),

@@ -392,6 +392,44 @@ def test_bench_cli_counts_failed_edits(tmp_path: Path, monkeypatch: pytest.Monke
     assert all("bookkeeping failed" in r["error"] for r in rows)
 
 
+class EvenOnlyEditor(RankOneEditor):
+    """Reports success only for every other request, so --reject-unsuccessful leaves those out."""
+
+    method = "even-only-test"
+    calls = 0
+
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        result = super().compute(requests)
+        result.success = self.calls % 2 == 0
+        self.calls += 1
+        return result
+
+
+@pytest.mark.slow
+def test_bench_cli_rejects_unsuccessful_edits_like_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outs = {}
+    for flag in ([], ["--reject-unsuccessful"]):
+        monkeypatch.setattr(
+            bench_editing, "build_editor", lambda m, model, tok, o: EvenOnlyEditor(model, tok)
+        )
+        out = outs[bool(flag)] = tmp_path / f"run{len(flag)}"
+        argv = ["--method", "ft", "--data", str(COUNTERFACT), "--n", "2", "--offset", "10",
+                "--checkpoint-every", "0", "--out", str(out), "--fluency-tokens", "4",
+                "--fluency-prompts", "2", "--checkpoint-prompts", "1", "--ppl-tokens", "200",
+                *flag]  # fmt: skip
+        assert bench_editing.main(argv) == 0
+    kept, left_out = (json.loads((outs[k] / "summary.json").read_text()) for k in (False, True))
+    assert kept["n_rejected"] == 0 and left_out["n_rejected"] == 1
+    assert left_out["reject_unsuccessful"] is True and left_out["edit_success_rate"] == 0.5
+    rows = [json.loads(x) for x in (outs[True] / "per_edit.jsonl").read_text().splitlines()]
+    assert [r["applied"] for r in rows] == [True, False]
+    # the second edit is real (it changes the fixed text's perplexity) and only one run made it
+    assert left_out["metrics"]["perplexity"] != kept["metrics"]["perplexity"]
+    assert left_out["metrics"]["efficacy"] <= kept["metrics"]["efficacy"]
+
+
 @pytest.mark.slow
 def test_bench_cli_with_real_ft_editor(tmp_path: Path) -> None:
     out = tmp_path / "ft"
@@ -452,11 +490,13 @@ def test_per_edit_windows_follow_success_choices_and_drift(tmp_path: Path) -> No
 
     rows = [row(0, True, [3, 4], 0.1), row(1, False, [4, 5], 0.2), row(2, True, [3], 0.3)]
     rows.append({"index": 3, "error": "RuntimeError: boom", "success": False})
+    rows.append({**row(4, False, [3], 0.9), "applied": False})  # left out: its change is not real
     path = tmp_path / "per_edit.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     table = per_edit.windows(per_edit.read_rows(path), 2)
-    assert [w["edits"] for w in table] == ["0-1", "2-3"]
-    assert [w["success"] for w in table] == [0.5, 1.0]
+    assert [w["edits"] for w in table] == ["0-1", "2-3", "4-4"]
+    assert [w["success"] for w in table] == [0.5, 1.0, 0.0]
+    assert table[2]["rejected"] == 1 and table[2]["relative_change"]["3"] == 0.3
     assert table[0]["chosen"] == {3: 1, 4: 2, 5: 1}
     assert table[0]["relative_change"] == {"3": 0.1, "4": 0.2, "5": 0.2}
     assert table[1]["relative_change"]["3"] == 0.3  # the latest value carries on

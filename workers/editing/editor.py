@@ -48,12 +48,23 @@ class Editor(ABC):
         if state:
             raise ValueError(f"{self.method}: this editor keeps no state, got {sorted(state)[:3]}")
 
-    def apply(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> EditResult:
+    def apply(
+        self,
+        requests: Sequence[EditRequest | Mapping[str, Any]],
+        *,
+        require_success: bool = False,
+    ) -> EditResult:
+        """Compute and apply an edit. With ``require_success`` an edit whose target did not
+        become top-1 everywhere is not applied (the service's policy, ``reject_unsuccessful``)."""
         reqs = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests]
         if not reqs:
             raise ValueError("requests: at least one edit is required")
         started = time.perf_counter()
         result = self.compute(reqs)
+        if require_success and not result.success:
+            result.applied = False
+            result.seconds = time.perf_counter() - started
+            return result
         # exact copies, not W + d − d: fp32 rounding would leave the weights slightly off
         saved = {d.name: self.params[d.name].detach().clone() for d in result.deltas}
         try:

@@ -76,10 +76,11 @@ class LokiConfig:
     capacity_weight: float = 2.0
     # Layers an edit may use only once the candidates have filled up: they join the ranking when
     # every candidate has drifted reserve_from·max_relative_change. None = the two layers either
-    # side of the default range (1–2 and 7–8 on SmolLM2), () = none. Over 1,000 edits the four
-    # default layers reached the 1.0‖W₀‖ cap by edit ~750 and most later edits failed; reserves
-    # take the overflow while the first few hundred edits stay on the cheaper candidates. (A
-    # fixed score handicap does not work: layer 2's HSIC score sits ~0.7 above layers 3–6.)
+    # side of the default range (1–2 and 7–8 on SmolLM2), () = none. Off: over 1,000 edits
+    # (docs/bench/loki-1000-reserve) the reserves opened at edit ~500 and took most edits at
+    # once, and perplexity reached 7.8× unedited against 2.4× without them; layers 1, 2, 7 and
+    # 8 cost 2–9× more per edit than layer 3 (README, "Where an edit is cheapest"). (A fixed
+    # score handicap does not work either: layer 2's HSIC score sits ~0.7 above layers 3–6.)
     reserve_layers: tuple[int, ...] | None = ()
     reserve_from: float = 0.6
     # W₀'s input directions with σ ≥ this·σ_max are protected. Lower protects more of what the

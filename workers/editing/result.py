@@ -28,6 +28,9 @@ class EditResult:
     success: bool = False  # target top-1 on every observation
     per_request_success: list[bool] = field(default_factory=list)
     loss: float | None = None
+    # False when Editor.apply(require_success=True) left the weights alone because success was
+    # False; relative_change is then what the change would have made of them
+    applied: bool = True
 
     @property
     def selected_layers(self) -> list[int]:
@@ -48,4 +51,5 @@ class EditResult:
             "success": self.success,
             "per_request_success": self.per_request_success,
             "loss": self.loss,
+            "applied": self.applied,
         }
