@@ -11,7 +11,11 @@ text:
 - per layer, the median ‖ΔW‖ and the median ‖a‖ of the factored changes (with ``exact_fit``,
   bᵀk = 1, so ‖a‖ is the part of v* − h that the layer delivered);
 - per token, how the damage is spread: the share of tokens that got more likely, and the share
-  of the net NLL increase carried by the 100 most damaged tokens.
+  of the net NLL increase carried by the 100 most damaged tokens;
+- with ``--scales``, the perplexity with every layer's accumulated change scaled by s (how the
+  damage grows with the change: linearly, or as its square);
+- with ``--per-edit``, each edit's own share: the perplexity with that one edit taken back out
+  of the final model, so one sees whether a few edits or all of them carry the drift.
 Writes ``drift.json`` and ``drift.png`` (perplexity increase per layer alone, and all together).
 """
 
@@ -47,6 +51,30 @@ def quadrature_ratio(changes: list[MatrixDelta], keys: torch.Tensor) -> float:
     return together / apart if apart > 0 else float("nan")
 
 
+def ppl_of(nll: torch.Tensor) -> float:
+    return float(nll.double().mean().exp())
+
+
+def per_edit_shares(without: list[float], unedited: float, edited: float) -> dict[str, Any]:
+    """Each edit's marginal cost (final perplexity minus perplexity without it), summarised
+    against the total increase: do a few edits carry it, or all of them a little?"""
+    if not without:
+        return {}
+    marginal = [edited - w for w in without]
+    total = edited - unedited
+    order = sorted(range(len(marginal)), key=marginal.__getitem__, reverse=True)
+    top = max(1, len(marginal) // 10)
+    return {
+        "marginal": [round(m, 4) for m in marginal],
+        "sum_of_marginals_over_total": sum(marginal) / total if total else float("nan"),
+        "top_tenth_share_of_total": sum(marginal[i] for i in order[:top]) / total
+        if total
+        else float("nan"),
+        "most_costly": order[:top],
+        "share_negative": sum(m < 0 for m in marginal) / len(marginal),
+    }
+
+
 def plot(path: Path, summary: dict[str, Any]) -> None:
     import matplotlib
 
@@ -74,6 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--n", type=int, default=100, help="edits to apply")
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--ppl-tokens", type=int, help="score only the fixed text's first tokens")
+    p.add_argument(
+        "--scales", default="", help="comma-separated factors for the whole change, e.g. 0.5,0.75"
+    )
+    p.add_argument("--per-edit", action="store_true", help="take each edit back out alone")
     add_threads(p)
     add_overrides(p)
     p.add_argument("--out", type=Path, default=Path("results/drift"))
@@ -81,6 +113,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     read_overrides(p, args)
     if args.n < 1 or args.offset < 0:
         p.error("--n must be positive and --offset not negative")
+    try:
+        scales = [float(x) for x in args.scales.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--scales: expected numbers separated by commas, got {args.scales!r}")
+    if any(x < 0 for x in scales):
+        p.error("--scales: factors must not be negative")
     use_threads(args)
 
     lm = load_model()
@@ -90,12 +128,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     assert isinstance(editor, LokiEditor)
     before = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
     changes: dict[int, list[MatrixDelta]] = defaultdict(list)
+    per_edit: list[list[tuple[int, MatrixDelta]]] = []
     successes = 0
     for record in tqdm(records, unit="edit", desc="drift edits"):
         result = editor.apply([record.request])
         successes += result.success
-        for delta in result.deltas:
-            changes[int(delta.name.split(".")[2])].append(delta)
+        per_edit.append([(int(d.name.split(".")[2]), d) for d in result.deltas])
+        for layer, delta in per_edit[-1]:
+            changes[layer].append(delta)
     after = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
     layers = sorted(changes)
     keys = read_text_keys(
@@ -114,12 +154,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             factored = [float(d.a.norm()) for d in changes[layer] if d.a is not None]
             per_layer[layer] = {
                 "edits": len(changes[layer]),
-                "ppl_alone": float(alone.double().mean().exp()),
+                "ppl_alone": ppl_of(alone),
                 "quadrature_ratio": quadrature_ratio(changes[layer], keys[layer]),
                 "median_delta_norm": statistics.median(d.norm() for d in changes[layer]),
                 "median_output_norm": statistics.median(factored) if factored else float("nan"),
                 "relative_change": editor.relative_drift(layer),
             }
+        scaled: dict[str, float] = {}
+        for factor in scales:
+            with torch.no_grad():
+                for layer in layers:
+                    base = editor.base[layer].to(edited[layer])
+                    weights[layer].copy_(base + factor * (edited[layer] - base))
+            nll = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
+            scaled[str(factor)] = ppl_of(nll)
+        without: list[float] = []
+        with torch.no_grad():
+            for layer in layers:
+                weights[layer].copy_(edited[layer])
+        for deltas in tqdm(per_edit if args.per_edit else [], unit="edit", desc="take back"):
+            with torch.no_grad():
+                for layer, delta in deltas:
+                    weights[layer].sub_(delta.to_dense().to(weights[layer]))
+            nll = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
+            without.append(ppl_of(nll))
+            with torch.no_grad():
+                for layer, _ in deltas:
+                    weights[layer].copy_(edited[layer])
     finally:
         with torch.no_grad():
             for layer, w in weights.items():
@@ -135,10 +196,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "overrides": args.overrides,
         "edit_success_rate": successes / len(records),
         "perplexity": {
-            "unedited": float(before.double().mean().exp()),
-            "edited": float(after.double().mean().exp()),
+            "unedited": ppl_of(before),
+            "edited": ppl_of(after),
         },
         "layers": per_layer,
+        "perplexity_scaled": scaled,
+        "per_edit": per_edit_shares(without, ppl_of(before), ppl_of(after)),
         "tokens": {
             "scored": int(increase.numel()),
             "share_more_likely": float((increase < 0).double().mean()),

@@ -523,7 +523,8 @@ def test_layer_cost_cli_measures_a_complete_edit_per_layer(tmp_path: Path) -> No
 def test_drift_cli_splits_the_drift_by_layer(tmp_path: Path) -> None:
     from bench import drift
 
-    summary = drift.main(["--n", "2", "--ppl-tokens", "128", "--out", str(tmp_path)])
+    flags = ["--n", "2", "--ppl-tokens", "128", "--scales", "0,1", "--per-edit"]
+    summary = drift.main([*flags, "--out", str(tmp_path)])
     layers = summary["layers"]
     assert sum(row["edits"] for row in layers.values()) == 2 * 3  # top 3 layers per edit
     ppl = summary["perplexity"]
@@ -533,6 +534,12 @@ def test_drift_cli_splits_the_drift_by_layer(tmp_path: Path) -> None:
         assert row["quadrature_ratio"] > 0 and row["median_delta_norm"] > 0
         assert row["median_output_norm"] > 0 and 0 < row["relative_change"] < 1
     assert 0 < summary["tokens"]["share_more_likely"] < 1
+    # scaling the whole change by 0 and 1 gives back the unedited and the edited model
+    assert summary["perplexity_scaled"]["0.0"] == pytest.approx(ppl["unedited"], rel=1e-4)
+    assert summary["perplexity_scaled"]["1.0"] == pytest.approx(ppl["edited"], rel=1e-4)
+    per_edit = summary["per_edit"]
+    assert len(per_edit["marginal"]) == 2 and all(m != 0 for m in per_edit["marginal"])
+    assert per_edit["most_costly"] == [max((0, 1), key=per_edit["marginal"].__getitem__)]
     written = json.loads((tmp_path / "drift.json").read_text())
     assert written["layers"][str(next(iter(layers)))] == next(iter(layers.values()))
     assert (tmp_path / "drift.png").stat().st_size > 0
