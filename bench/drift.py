@@ -15,7 +15,9 @@ text:
 - with ``--scales``, the perplexity with every layer's accumulated change scaled by s (how the
   damage grows with the change: linearly, or as its square);
 - with ``--per-edit``, each edit's own share: the perplexity with that one edit taken back out
-  of the final model, so one sees whether a few edits or all of them carry the drift.
+  of the final model, so one sees whether a few edits or all of them carry the drift; and
+  each edit's cost when it was made (perplexity right after it minus right before), with the
+  correlation of the two: can a check at edit time tell the costly edits?
 Writes ``drift.json`` and ``drift.png`` (perplexity increase per layer alone, and all together).
 """
 
@@ -55,16 +57,30 @@ def ppl_of(nll: torch.Tensor) -> float:
     return float(nll.double().mean().exp())
 
 
-def per_edit_shares(without: list[float], unedited: float, edited: float) -> dict[str, Any]:
+def per_edit_shares(
+    without: list[float], along: list[float], unedited: float, edited: float
+) -> dict[str, Any]:
     """Each edit's marginal cost (final perplexity minus perplexity without it), summarised
-    against the total increase: do a few edits carry it, or all of them a little?"""
+    against the total increase: do a few edits carry it, or all of them a little? ``along``:
+    the perplexity after each edit as it was made, for each edit's cost at that time."""
     if not without:
         return {}
     marginal = [edited - w for w in without]
+    at_edit = [after - before for before, after in zip([unedited, *along], along, strict=False)]
     total = edited - unedited
     order = sorted(range(len(marginal)), key=marginal.__getitem__, reverse=True)
     top = max(1, len(marginal) // 10)
+    flagged = sorted(range(len(at_edit)), key=at_edit.__getitem__, reverse=True)[:top]
     return {
+        "at_edit": [round(c, 4) for c in at_edit],
+        "correlation_at_edit_vs_marginal": float(
+            torch.corrcoef(torch.tensor([at_edit, marginal], dtype=torch.float64))[0, 1]
+        )
+        if len(marginal) > 1
+        else float("nan"),
+        "top_tenth_at_edit_share_of_total": sum(marginal[i] for i in flagged) / total
+        if total
+        else float("nan"),
         "marginal": [round(m, 4) for m in marginal],
         "sum_of_marginals_over_total": sum(marginal) / total if total else float("nan"),
         "top_tenth_share_of_total": sum(marginal[i] for i in order[:top]) / total
@@ -130,9 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     changes: dict[int, list[MatrixDelta]] = defaultdict(list)
     per_edit: list[list[tuple[int, MatrixDelta]]] = []
     successes = 0
+    along: list[float] = []  # perplexity right after each edit (--per-edit)
     for record in tqdm(records, unit="edit", desc="drift edits"):
         result = editor.apply([record.request])
         successes += result.success
+        if args.per_edit:
+            along.append(ppl_of(token_nll(model, tokenizer, max_tokens=args.ppl_tokens)))
         per_edit.append([(int(d.name.split(".")[2]), d) for d in result.deltas])
         for layer, delta in per_edit[-1]:
             changes[layer].append(delta)
@@ -201,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "layers": per_layer,
         "perplexity_scaled": scaled,
-        "per_edit": per_edit_shares(without, ppl_of(before), ppl_of(after)),
+        "per_edit": per_edit_shares(without, along, ppl_of(before), ppl_of(after)),
         "tokens": {
             "scored": int(increase.numel()),
             "share_more_likely": float((increase < 0).double().mean()),

@@ -540,9 +540,25 @@ def test_drift_cli_splits_the_drift_by_layer(tmp_path: Path) -> None:
     per_edit = summary["per_edit"]
     assert len(per_edit["marginal"]) == 2 and all(m != 0 for m in per_edit["marginal"])
     assert per_edit["most_costly"] == [max((0, 1), key=per_edit["marginal"].__getitem__)]
+    # the costs at edit time telescope to the whole increase
+    assert sum(per_edit["at_edit"]) == pytest.approx(ppl["edited"] - ppl["unedited"], abs=1e-3)
     written = json.loads((tmp_path / "drift.json").read_text())
     assert written["layers"][str(next(iter(layers)))] == next(iter(layers.values()))
     assert (tmp_path / "drift.png").stat().st_size > 0
+
+
+def test_per_edit_shares_tell_which_edits_carry_the_drift() -> None:
+    from bench.drift import per_edit_shares
+
+    # four edits, 10 → 14: the third one costs 3 of the 4 both when made and at the end
+    shares = per_edit_shares([13.5, 13.8, 11.0, 14.2], [10.5, 10.7, 13.8, 14.0], 10.0, 14.0)
+    assert shares["at_edit"] == pytest.approx([0.5, 0.2, 3.1, 0.2])
+    assert shares["marginal"] == pytest.approx([0.5, 0.2, 3.0, -0.2])
+    assert shares["most_costly"] == [2] and shares["share_negative"] == 0.25
+    assert shares["top_tenth_share_of_total"] == pytest.approx(0.75)
+    assert shares["top_tenth_at_edit_share_of_total"] == pytest.approx(0.75)
+    assert shares["correlation_at_edit_vs_marginal"] > 0.9
+    assert per_edit_shares([], [], 10.0, 14.0) == {}
 
 
 def test_quadrature_ratio_tells_aligned_from_orthogonal_changes() -> None:
