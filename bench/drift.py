@@ -68,9 +68,13 @@ def per_edit_shares(
     marginal = [edited - w for w in without]
     at_edit = [after - before for before, after in zip([unedited, *along], along, strict=False)]
     total = edited - unedited
-    order = sorted(range(len(marginal)), key=marginal.__getitem__, reverse=True)
     top = max(1, len(marginal) // 10)
+    costliest = sorted(range(len(marginal)), key=marginal.__getitem__, reverse=True)[:top]
     flagged = sorted(range(len(at_edit)), key=at_edit.__getitem__, reverse=True)[:top]
+
+    def share_of_total(edits: list[int]) -> float:
+        return sum(marginal[i] for i in edits) / total if total else float("nan")
+
     return {
         "at_edit": [round(c, 4) for c in at_edit],
         "correlation_at_edit_vs_marginal": float(
@@ -78,15 +82,11 @@ def per_edit_shares(
         )
         if len(marginal) > 1
         else float("nan"),
-        "top_tenth_at_edit_share_of_total": sum(marginal[i] for i in flagged) / total
-        if total
-        else float("nan"),
+        "top_tenth_at_edit_share_of_total": share_of_total(flagged),
         "marginal": [round(m, 4) for m in marginal],
-        "sum_of_marginals_over_total": sum(marginal) / total if total else float("nan"),
-        "top_tenth_share_of_total": sum(marginal[i] for i in order[:top]) / total
-        if total
-        else float("nan"),
-        "most_costly": order[:top],
+        "sum_of_marginals_over_total": share_of_total(list(range(len(marginal)))),
+        "top_tenth_share_of_total": share_of_total(costliest),
+        "most_costly": costliest,
         "share_negative": sum(m < 0 for m in marginal) / len(marginal),
     }
 
@@ -164,42 +164,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_layer: dict[int, dict[str, float]] = {}
     weights = {layer: editor.modules[layer].weight for layer in layers}
     edited = {layer: w.detach().clone() for layer, w in weights.items()}
+
+    def ppl_with(replaced: dict[int, torch.Tensor]) -> float:
+        """Perplexity with these layers' weights replaced and the others as edited."""
+        with torch.no_grad():
+            for layer in layers:
+                weights[layer].copy_(replaced.get(layer, edited[layer]))
+        return ppl_of(token_nll(model, tokenizer, max_tokens=args.ppl_tokens))
+
     try:
         for layer in layers:
-            with torch.no_grad():
-                for other in layers:
-                    weights[other].copy_(edited[other] if other == layer else editor.base[other])
-            alone = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
             factored = [float(d.a.norm()) for d in changes[layer] if d.a is not None]
             per_layer[layer] = {
                 "edits": len(changes[layer]),
-                "ppl_alone": ppl_of(alone),
+                "ppl_alone": ppl_with({o: editor.base[o] for o in layers if o != layer}),
                 "quadrature_ratio": quadrature_ratio(changes[layer], keys[layer]),
                 "median_delta_norm": statistics.median(d.norm() for d in changes[layer]),
                 "median_output_norm": statistics.median(factored) if factored else float("nan"),
                 "relative_change": editor.relative_drift(layer),
             }
         scaled: dict[str, float] = {}
+        bases = {layer: editor.base[layer].to(edited[layer]) for layer in layers}
         for factor in scales:
-            with torch.no_grad():
-                for layer in layers:
-                    base = editor.base[layer].to(edited[layer])
-                    weights[layer].copy_(base + factor * (edited[layer] - base))
-            nll = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
-            scaled[str(factor)] = ppl_of(nll)
-        without: list[float] = []
-        with torch.no_grad():
-            for layer in layers:
-                weights[layer].copy_(edited[layer])
-        for deltas in tqdm(per_edit if args.per_edit else [], unit="edit", desc="take back"):
-            with torch.no_grad():
-                for layer, delta in deltas:
-                    weights[layer].sub_(delta.to_dense().to(weights[layer]))
-            nll = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
-            without.append(ppl_of(nll))
-            with torch.no_grad():
-                for layer, _ in deltas:
-                    weights[layer].copy_(edited[layer])
+            scaled[str(factor)] = ppl_with(
+                {layer: base + factor * (edited[layer] - base) for layer, base in bases.items()}
+            )
+        without = [
+            ppl_with({layer: edited[layer] - d.to_dense().to(edited[layer]) for layer, d in deltas})
+            for deltas in tqdm(per_edit if args.per_edit else [], unit="edit", desc="take back")
+        ]
     finally:
         with torch.no_grad():
             for layer, w in weights.items():
