@@ -24,6 +24,7 @@ HEADER = (
     "mean of the three",
     "fluency",
     "perplexity",
+    "perplexity (held-out text)",
     "median s/edit",
 )
 
@@ -48,6 +49,8 @@ def row(label: str, metrics: dict[str, Any], median: float | None) -> list[str]:
     mean3 = sum(metrics[m] for m in EDIT_METRICS) / len(EDIT_METRICS)
     cells = [label, *(f"{metrics[m]:.3f}" for m in EDIT_METRICS), f"{mean3:.3f}"]
     cells += [f"{metrics['fluency']:.3f}", f"{metrics['perplexity']:.2f}"]
+    heldout = metrics.get("perplexity_heldout")  # absent from summaries written before it
+    cells.append("-" if heldout is None else f"{heldout:.2f}")
     cells.append("-" if median is None else f"{median:.2f}")
     return cells
 

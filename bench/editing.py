@@ -34,6 +34,7 @@ from workers.editing.evaluate import (
     edit_metrics,
     fluency_prompts,
     greedy_generations,
+    heldout_text,
     ngram_entropy,
     perplexity,
 )
@@ -46,7 +47,7 @@ DEFAULT_DATA = {
     "counterfact": COUNTERFACT,
     "zsre": "../shared/data/zsre/train-1k.json",
 }
-METRICS = (*EDIT_METRICS, "fluency", "perplexity")
+METRICS = (*EDIT_METRICS, "fluency", "perplexity", "perplexity_heldout")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -158,6 +159,9 @@ class Evaluator:
 
         started = time.perf_counter()
         out["perplexity"] = perplexity(self.model, self.tokenizer, max_tokens=self.ppl_tokens)
+        out["perplexity_heldout"] = perplexity(
+            self.model, self.tokenizer, heldout_text(), max_tokens=self.ppl_tokens
+        )
         timings["perplexity"] = time.perf_counter() - started
         out["eval_seconds"] = {k: round(v, 2) for k, v in timings.items()}
         return out
@@ -194,11 +198,13 @@ def plot(path: Path, checkpoints: list[dict[str, Any]], unedited: dict[str, Any]
     panels = [
         (axes[0], EDIT_METRICS, "fraction of edits", (0.0, 1.02)),
         (axes[1], ("fluency_checkpoint",), "n-gram entropy (checkpoint prompts)", None),
-        (axes[2], ("perplexity",), "perplexity on fixed text", None),
+        (axes[2], ("perplexity", "perplexity_heldout"), "perplexity", None),
     ]
     for ax, keys, label, ylim in panels:
         for i, key in enumerate(keys):
             color = f"C{i}"
+            if key not in unedited:  # a summary written before the metric existed
+                continue
             ys = [unedited[key]] + [c[key] for c in checkpoints]
             ax.plot(xs, ys, marker="o", color=color, label=key.replace("_checkpoint", ""))
             ax.axhline(unedited[key], color=color, linestyle="--", linewidth=1)
@@ -225,7 +231,10 @@ def result_line(summary: dict[str, Any]) -> str:
         ("specificity", "spec", ".3f"),
         ("fluency", "flu", ".3f"),
         ("perplexity", "ppl", ".2f"),
+        ("perplexity_heldout", "ppl-heldout", ".2f"),
     ]:
+        if key not in m:
+            continue
         cells.append(f"{short} {m[key]:{fmt}} ({u[key]:{fmt}})")
     med = summary["seconds_per_edit"]["median"]
     cells.append(f"s/edit {med:.2f}" if med is not None else "s/edit -")

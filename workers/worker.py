@@ -207,8 +207,7 @@ class EditWorker:
                 probes_before = self._probe(requests)
                 result, prepared, changed = self._edit(requests, base)
                 summary = result.summary()
-                if not result.success and self.settings.reject_unsuccessful:
-                    self._abandon(changed)
+                if prepared is None:  # did not take: nothing reached the weights
                     return self._reject(
                         edits,
                         "edit did not take: the target is not the top prediction on every "
@@ -262,11 +261,18 @@ class EditWorker:
 
     def _edit(
         self, requests: list[EditRequest], base: int
-    ) -> tuple[EditResult, Prepared, list[str]]:
+    ) -> tuple[EditResult, Prepared | None, list[str]]:
         """``Editor.apply``, with the weights written from fp32 masters instead of in place:
-        undoing ``w + Δ`` by ``- Δ`` is not exact in floating point, restoring a master is."""
+        undoing ``w + Δ`` by ``- Δ`` is not exact in floating point, restoring a master is.
+
+        An edit that did not take, under ``reject_unsuccessful``, is never written: no prepared
+        version then, and the editor's state is untouched."""
         started = time.perf_counter()
         result = self.editor.compute(requests)
+        if not result.success and self.settings.reject_unsuccessful:
+            result.applied = False
+            result.seconds = time.perf_counter() - started
+            return result, None, []
         names = sorted({d.name for d in result.deltas})
         every = self.settings.keyframe_every
         keyframes = [n for n in names if needs_keyframe(self.live.path, n, every)]

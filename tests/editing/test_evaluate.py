@@ -24,6 +24,7 @@ from workers.editing.evaluate import (
     fluency,
     fluency_prompts,
     greedy_generations,
+    heldout_text,
     ngram_entropy,
     perplexity,
     shared_prefix_logprobs,
@@ -242,6 +243,9 @@ def test_edit_metrics_unedited_model(loaded_model) -> None:
 def test_perplexity_fixed_text_beats_shuffled(loaded_model) -> None:
     model, tok = loaded_model.model, loaded_model.tokenizer
     assert 1_500 <= len(fixed_text().split()) <= 3_000
+    held = heldout_text()
+    assert 1_200 <= len(held.split()) <= 3_000 and held[:200] not in fixed_text()
+    assert math.isfinite(perplexity(model, tok, held)) and perplexity(model, tok, held) < 100.0
     text = " ".join(fixed_text().split()[:150])
     shuffled = text.split()
     random.Random(0).shuffle(shuffled)
@@ -316,7 +320,7 @@ def test_bench_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert (
         summary["n_edits"] == 4 and summary["offset"] == 10 and summary["dataset"] == "counterfact"
     )
-    for key in ("efficacy", "generalization", "specificity", "fluency", "perplexity"):
+    for key in bench_editing.METRICS:
         assert key in summary["metrics"] and key in summary["unedited"]
         assert summary["ratios"][key] == pytest.approx(
             summary["metrics"][key] / summary["unedited"][key]
@@ -327,6 +331,10 @@ def test_bench_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     # the edits are real: the new targets now win where the unedited model preferred the truth
     assert summary["metrics"]["efficacy"] > summary["unedited"]["efficacy"]
     assert summary["metrics"]["perplexity"] != summary["unedited"]["perplexity"]
+    # the second text is scored on its own: a different text, a different figure
+    held = summary["unedited"]["perplexity_heldout"]
+    assert held != summary["unedited"]["perplexity"]
+    assert summary["metrics"]["perplexity_heldout"] != held
 
     lines = [json.loads(x) for x in (out / "per_edit.jsonl").read_text().splitlines()]
     raw = json.loads(COUNTERFACT.read_text())[10:14]
@@ -359,8 +367,9 @@ def test_compare_table(tmp_path: Path) -> None:
     table = compare.markdown(compare.load_summaries(paths))
     lines = table.splitlines()
     assert lines[0].startswith("| method | efficacy | generalization | specificity | mean")
-    assert "| unedited | 0.300 | 0.500 | 0.800 | 0.533 | 5.000 | 20.00 | - |" in lines
-    assert "| loki | 1.000 | 0.500 | 0.800 | 0.767 | 5.000 | 20.00 | 1.50 |" in lines
+    # a summary from before the held-out text was scored shows "-" there
+    assert "| unedited | 0.300 | 0.500 | 0.800 | 0.533 | 5.000 | 20.00 | - | - |" in lines
+    assert "| loki | 1.000 | 0.500 | 0.800 | 0.767 | 5.000 | 20.00 | - | 1.50 |" in lines
 
 
 class FailingEditor(RankOneEditor):
@@ -386,7 +395,7 @@ def test_bench_cli_counts_failed_edits(tmp_path: Path, monkeypatch: pytest.Monke
     assert summary["n_failed"] == 2 and summary["edit_success_rate"] == 0.0
     assert summary["seconds_per_edit"]["median"] is None
     # rolled-back edits leave the model as it was (to fp32 rounding: W + d - d is not always W)
-    for key in ("efficacy", "generalization", "specificity", "fluency", "perplexity"):
+    for key in bench_editing.METRICS:
         assert summary["metrics"][key] == pytest.approx(summary["unedited"][key], rel=1e-5)
     rows = [json.loads(x) for x in (out / "per_edit.jsonl").read_text().splitlines()]
     assert all("bookkeeping failed" in r["error"] for r in rows)

@@ -33,6 +33,9 @@ class UnsuccessfulEditor(RankOneEditor):
         result.success = False
         return result
 
+    def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
+        raise AssertionError("an edit that did not take must never reach the weights")
+
 
 class RollbackDuringEdit(RankOneEditor):
     """Moves the head back to version 0 while its first edit is being computed."""
@@ -167,6 +170,7 @@ def test_unsuccessful_edit_is_rejected(infra: Infra, loaded: LoadedModel) -> Non
         edit = _edit(infra, edit_id)
         assert "did not take" in (edit.error or "")
         assert edit.metrics is not None and edit.metrics["success"] is False
+        assert edit.metrics["applied"] is False
         assert _same(_snapshot(worker), before)
         assert _versions(infra) == 1
     finally:
