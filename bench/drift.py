@@ -3,7 +3,7 @@
     python -m bench.drift --n 100 --threads 1 --out results/drift/
 
 Applies N CounterFact edits with LOKI (``--set`` changes its config), then reads on the fixed
-text:
+text (``--text heldout``: the entity-rich second text):
 - per edited layer, the perplexity with only that layer's accumulated change in place (the
   others back at W₀), against all of them together;
 - per layer, how the edits' effects on the text's down-projection outputs add up: ‖Σᵢ ΔWᵢK‖²
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from bench.cli import COUNTERFACT, add_overrides, add_threads, read_overrides, use_threads
 from workers.editing.datasets import load_records
 from workers.editing.delta import MatrixDelta
-from workers.editing.evaluate import fixed_text, token_nll
+from workers.editing.evaluate import PERPLEXITY_TEXTS, token_nll
 from workers.editing.factory import build_editor
 from workers.editing.keys import read_text_keys
 from workers.editing.loki import LokiEditor
@@ -117,7 +117,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", default=COUNTERFACT)
     p.add_argument("--n", type=int, default=100, help="edits to apply")
     p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--ppl-tokens", type=int, help="score only the fixed text's first tokens")
+    p.add_argument("--ppl-tokens", type=int, help="score only the text's first tokens")
+    p.add_argument(
+        "--text",
+        choices=sorted(PERPLEXITY_TEXTS),
+        default="fixed",
+        help="the text perplexity is read on (heldout: the entity-rich second text)",
+    )
     p.add_argument(
         "--scales", default="", help="comma-separated factors for the whole change, e.g. 0.5,0.75"
     )
@@ -142,7 +148,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     records = load_records(args.data, offset=args.offset, n=args.n)
     editor = build_editor("loki", model, tokenizer, args.overrides)
     assert isinstance(editor, LokiEditor)
-    before = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
+    text = PERPLEXITY_TEXTS[args.text]()
+
+    def nll() -> torch.Tensor:
+        return token_nll(model, tokenizer, text, max_tokens=args.ppl_tokens)
+
+    before = nll()
     changes: dict[int, list[MatrixDelta]] = defaultdict(list)
     per_edit: list[list[tuple[int, MatrixDelta]]] = []
     successes = 0
@@ -151,15 +162,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = editor.apply([record.request])
         successes += result.success
         if args.per_edit:
-            along.append(ppl_of(token_nll(model, tokenizer, max_tokens=args.ppl_tokens)))
+            along.append(ppl_of(nll()))
         per_edit.append([(int(d.name.split(".")[2]), d) for d in result.deltas])
         for layer, delta in per_edit[-1]:
             changes[layer].append(delta)
-    after = token_nll(model, tokenizer, max_tokens=args.ppl_tokens)
+    after = nll()
     layers = sorted(changes)
-    keys = read_text_keys(
-        model, tokenizer, fixed_text(), layers, window=512, max_tokens=args.ppl_tokens
-    )
+    keys = read_text_keys(model, tokenizer, text, layers, window=512, max_tokens=args.ppl_tokens)
 
     per_layer: dict[int, dict[str, float]] = {}
     weights = {layer: editor.modules[layer].weight for layer in layers}
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with torch.no_grad():
             for layer in layers:
                 weights[layer].copy_(replaced.get(layer, edited[layer]))
-        return ppl_of(token_nll(model, tokenizer, max_tokens=args.ppl_tokens))
+        return ppl_of(nll())
 
     try:
         for layer in layers:
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_edits": len(records),
         "offset": args.offset,
         "overrides": args.overrides,
+        "text": args.text,
         "edit_success_rate": successes / len(records),
         "perplexity": {
             "unedited": ppl_of(before),

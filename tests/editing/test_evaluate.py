@@ -554,6 +554,20 @@ def test_drift_cli_splits_the_drift_by_layer(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "drift.json").read_text())
     assert written["layers"][str(next(iter(layers)))] == next(iter(layers.values()))
     assert (tmp_path / "drift.png").stat().st_size > 0
+    assert summary["text"] == "fixed"
+
+
+@pytest.mark.slow
+def test_drift_cli_reads_the_chosen_text(tmp_path: Path, loaded_model) -> None:
+    from bench import drift
+
+    summary = drift.main(["--n", "1", "--ppl-tokens", "96", "--text", "heldout",
+                          "--out", str(tmp_path)])  # fmt: skip
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    expected = perplexity(model, tok, heldout_text(), max_tokens=96)
+    assert summary["text"] == "heldout"
+    assert summary["perplexity"]["unedited"] == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(perplexity(model, tok, max_tokens=96), rel=1e-3)
 
 
 def test_per_edit_shares_tell_which_edits_carry_the_drift() -> None:

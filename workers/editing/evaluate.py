@@ -250,6 +250,9 @@ def heldout_text() -> str:
     return (DATA_DIR / "heldout_text.txt").read_text(encoding="utf-8")
 
 
+PERPLEXITY_TEXTS = {"fixed": fixed_text, "heldout": heldout_text}
+
+
 @torch.no_grad()
 def greedy_generations(
     model: PreTrainedModel,
