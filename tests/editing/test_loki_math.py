@@ -113,6 +113,17 @@ def test_ridge_update_with_a_prior_solves_the_regularised_normal_equations() -> 
     # the prior shrinks the change along the directions it weighs
     assert float((b @ half).norm()) < float((plain @ half).norm())
 
+    # an editor keeps P₀·prior·P₀ for its fixed weight basis (Q's first 5 columns) and corrects
+    # it for the rest of Q per solve: the same P·prior·P, the same change
+    inner = Projector(q[:, :5])
+    kept = inner.apply(inner.apply(prior).T)
+    assert torch.allclose(proj.sandwich(kept, 5), p @ prior @ p, atol=1e-9)
+    assert torch.equal(proj.sandwich(kept, 8), kept)  # nothing beyond the basis: as kept
+    _, b2 = proj.ridge_update(
+        keys, share, past, 3.0, proj.sandwich(kept, 5), prior_is_projected=True
+    )
+    assert torch.allclose(b2, b, atol=1e-9)
+
 
 def test_exact_ridge_update_delivers_the_whole_share_in_the_same_directions() -> None:
     gen = torch.Generator().manual_seed(9)

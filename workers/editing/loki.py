@@ -210,6 +210,7 @@ class LokiEditor(Editor):
         self.base = {layer: m.weight.detach().float().clone() for layer, m in self.modules.items()}
         self.base_norm = {layer: float(w.norm()) for layer, w in self.base.items()}
         self._weight_basis: dict[int, torch.Tensor] = {}  # layer → W₀'s protected inputs
+        self._projected_prior: dict[int, torch.Tensor] = {}  # layer → λ·P_w E[kkᵀ] P_w
         # layer → E[kkᵀ] on self-sampled text, read now while the weights are W₀ (cached on disk)
         self.self_text_moments = (
             key_second_moments(
@@ -288,6 +289,15 @@ class LokiEditor(Editor):
                 basis = orthonormal_extend(basis, top.T, self.config.context_rel_tol)
             self._weight_basis[layer] = basis.to(self.device)
         return self._weight_basis[layer]
+
+    def projected_prior(self, layer: int) -> torch.Tensor:
+        """λ·P_w E[kkᵀ] P_w for the self-text prior, P_w the weight basis' projector: fixed per
+        layer, so projected once; each edit only corrects it for its context keys."""
+        if layer not in self._projected_prior:
+            prior = self.config.self_text_weight * self.self_text_moments[layer].double()
+            projector = Projector(self.weight_basis(layer).double().cpu())
+            self._projected_prior[layer] = projector.apply(projector.apply(prior).T).to(self.device)
+        return self._projected_prior[layer]
 
     @torch.no_grad()
     def _select_layers(
@@ -369,8 +379,11 @@ class LokiEditor(Editor):
             past = self.past_keys[layer].to(keys)
             prior = None
             if cfg.self_text_weight > 0:
-                prior = cfg.self_text_weight * self.self_text_moments[layer].to(keys)
-            return projector.ridge_update(keys, share, past, cfg.l2, prior, exact=cfg.exact_fit)
+                base = self.weight_basis(layer).shape[1]
+                prior = projector.sandwich(self.projected_prior(layer).to(keys), base)
+            return projector.ridge_update(
+                keys, share, past, cfg.l2, prior, exact=cfg.exact_fit, prior_is_projected=True
+            )
 
         deltas = spread_over_layers(
             self.model, self.tokenizer, requests, contexts, chosen, values.z, solve

@@ -79,6 +79,7 @@ class Projector:
         l2: float,
         prior: torch.Tensor | None = None,
         exact: bool = False,
+        prior_is_projected: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (a, b) of AlphaEdit's change under this P: ΔW = R Xᵀ with
         X = (P G P + αI)⁻¹ P K, G = KKᵀ + K_pK_pᵀ (equal to AlphaEdit's (P G + αI)⁻¹ P K: X
@@ -90,6 +91,9 @@ class Projector:
         d × d matrix (0.9 → 0.3 s per edit over three SmolLM2 layers). Once there are more keys
         than dimensions, or with a ``prior`` (d × d, symmetric PSD, added to G), the d × d system
         is solved by Cholesky instead.
+
+        ``prior_is_projected``: ``prior`` is already P·prior·P (``sandwich``), as an editor that
+        solves many times under the same weight basis can keep it.
 
         ``exact``: rescale R to R (XᵀK)⁺ so that ΔW K = R exactly: the ridge then chooses only
         the change's input directions, not how much of R it delivers.
@@ -106,7 +110,8 @@ class Projector:
         else:
             gram = a @ a.T
             if prior is not None:
-                gram = gram + self.apply(self.apply(prior.to(keys)).T)  # + P prior P
+                prior = prior.to(keys)
+                gram = gram + (prior if prior_is_projected else self.apply(self.apply(prior).T))
             gram.diagonal().add_(l2)
             x = torch.cholesky_solve(a[:, :n], torch.linalg.cholesky(gram))
         if exact:
@@ -115,6 +120,17 @@ class Projector:
             fit = torch.linalg.pinv(x.T @ keys, hermitian=True, rtol=1e-8)
             share = share @ fit
         return share, x.T
+
+    def sandwich(self, inner: torch.Tensor, inner_rank: int) -> torch.Tensor:
+        """P C P from B = P₀ C P₀, P₀ the projector of Q's first ``inner_rank`` columns (the later
+        ones, Q_c, are orthogonal to them, so P = P₀ − Q_cQ_cᵀ and P₀Q_c = Q_c). With M = B Q_c:
+        P C P = B − Q_cMᵀ − MQ_cᵀ + Q_c(Q_cᵀM)Q_cᵀ — thin products only, where projecting C
+        anew costs two d × d × r products per solve (3× the time of a whole edit on SmolLM2)."""
+        qc = self.q[:, inner_rank:].to(inner)
+        if not qc.shape[1]:
+            return inner
+        m = inner @ qc
+        return inner - qc @ m.T - m @ qc.T + qc @ (qc.T @ m) @ qc.T
 
     def ratio(self, keys: torch.Tensor) -> float:
         """‖Pk‖/‖k‖ over the rows of ``keys``: the share of the keys an edit may still act on."""
