@@ -2,8 +2,9 @@
 
     python -m bench.edit_phases --n 12 --threads 2 --out results/edit-phases.json
 
-Wraps the phases of ``LokiEditor`` (layer selection, v*, the per-layer solves, MPES,
-bookkeeping) with timers; run it on an otherwise idle machine, since the figures are wall time.
+Wraps the phases of ``LokiEditor`` (layer selection, v*, the per-layer solves, MPES and its
+trim, bookkeeping) with timers; run it on an otherwise idle machine, since the figures are wall
+time.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ PHASES = {
     "select": (loki.LokiEditor, "_select_layers"),
     "target_value": (loki, "optimise_target_values"),
     "solves": (loki, "spread_over_layers"),
-    "mpes": (loki.LokiEditor, "_refine"),
+    "mpes": (loki.LokiEditor, "_refine"),  # includes the trim
+    "trim": (loki.LokiEditor, "_trim"),
     "bookkeeping": (loki.LokiEditor, "after_apply"),
 }
 
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         name: {"median": statistics.median(v), "mean": statistics.mean(v), "n": len(v)}
         for name, v in seconds.items()
+        if v  # a phase the configuration skips (the trim when off) has no timings
     }
     summary["threads"] = torch.get_num_threads()  # type: ignore[assignment]
     for name, stats in summary.items():

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.editor import Editor
 
 
-def make_editor(spec: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Editor:
-    """``spec`` is a method name for ``build_editor`` ("loki", ...) or ``module.path:Class``."""
+def make_editor(
+    spec: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    options: Mapping[str, str] | None = None,
+) -> Editor:
+    """``spec`` is a method name for ``build_editor`` ("loki", ...) or ``module.path:Class``;
+    ``options`` set fields of the method's config (``LOKID_EDITOR_OPTIONS``)."""
     if ":" in spec:
+        if options:
+            raise ValueError("editor_options: only the editing core's methods take options")
         module_name, _, class_name = spec.partition(":")
         cls = getattr(importlib.import_module(module_name), class_name, None)
         if not (isinstance(cls, type) and issubclass(cls, Editor)):
@@ -25,4 +34,4 @@ def make_editor(spec: str, model: PreTrainedModel, tokenizer: PreTrainedTokenize
         raise ValueError(
             f"editor: method {spec!r} needs workers.editing.factory, which is not installed"
         ) from None
-    return factory.build_editor(spec, model, tokenizer)
+    return factory.build_editor(spec, model, tokenizer, options)

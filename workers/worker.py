@@ -78,7 +78,12 @@ class EditWorker:
         self.heartbeat = Heartbeat(factory, interval=settings.heartbeat_interval)
 
     def _new_editor(self) -> Editor:
-        return make_editor(self.settings.editor, self.loaded.model, self.loaded.tokenizer)
+        return make_editor(
+            self.settings.editor,
+            self.loaded.model,
+            self.loaded.tokenizer,
+            self.settings.editor_options,
+        )
 
     # -- following the head -------------------------------------------------------------
 

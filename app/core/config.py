@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 import limits
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "LOKID_"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -31,6 +32,10 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     version_store: Path = Path("./var/versions")
     editor: str = "loki"
+    # Fields of the method's config, as JSON: {"trim_min_prob": 0.5} (README "Trim"). Unknown
+    # names and values of the wrong kind stop start-up here; ranges that depend on the model
+    # (a layer index, ...) stop the worker when it builds the editor.
+    editor_options: dict[str, str] = Field(default_factory=dict)
     # A full copy of a matrix after every K deltas to it bounds the work of materialising it;
     # 64 keeps the amortised keyframe cost per version to a few percent of one matrix.
     keyframe_every: int = Field(default=64, ge=1, le=10_000)
@@ -153,6 +158,29 @@ class Settings(BaseSettings):
             raise ValueError("must be a method name (loki, ...) or module.path:EditorClass")
         return value
 
+    @field_validator("editor_options", mode="before")
+    @classmethod
+    def _options_as_literals(cls, value: object) -> object:
+        # JSON numbers, booleans and null become the Python literals the config parser reads
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, str) else repr(v) for k, v in value.items()}
+        return value
+
+    @field_validator("editor_options")
+    @classmethod
+    def _editor_options(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        editor = info.data.get("editor")
+        if not value or editor is None:
+            return value
+        if ":" in editor:
+            raise ValueError(
+                "only the editing core's methods (LOKID_EDITOR=loki, ...) take options"
+            )
+        from workers.editing.factory import config_for  # torch: only when options are set
+
+        config_for(editor, value)
+        return value
+
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
@@ -225,6 +253,10 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise SettingsError(describe(error)) from None
+    except PydanticSettingsError as error:  # a JSON setting that is not JSON
+        match = re.search(r'field "(\w+)"', str(error))
+        name = match.group(1).upper() if match else "?"
+        raise SettingsError(f"{ENV_PREFIX}{name}: not valid JSON ({error.__cause__})") from None
 
 
 @lru_cache(maxsize=1)

@@ -478,6 +478,7 @@ def test_edit_phases_cli_times_every_phase(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())
     for phase in ("select", "target_value", "solves", "mpes", "bookkeeping", "total"):
         assert summary[phase]["n"] == 1, phase
+    assert "trim" not in summary  # off by default: a phase that never ran is left out
     parts = sum(summary[p]["median"] for p in ("select", "target_value", "solves", "mpes"))
     assert parts <= summary["total"]["median"]
     assert loki.optimise_target_values is before  # the timers are taken off again

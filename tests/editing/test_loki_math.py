@@ -195,6 +195,9 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(self_text_weight=-1.0), "self_text_weight"),
         (LokiConfig(self_text_weight=float("nan")), "self_text_weight"),
         (LokiConfig(self_text_weight=1.0, self_text_tokens=3), "self_text_tokens"),
+        (LokiConfig(trim_min_prob=1.0), "trim_min_prob"),
+        (LokiConfig(trim_min_prob=float("nan")), "trim_min_prob"),
+        (LokiConfig(trim_min_prob=0.5, trim_steps=0), "trim_steps"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:

@@ -167,3 +167,39 @@ def test_read_text_keys_reads_every_token_window_by_window(loaded_model: LoadedM
     # causal: a window's first tokens see the same context either way, later ones do not
     assert torch.allclose(short[5][:4], whole[5][:4], atol=1e-5)
     assert not torch.allclose(short[5][4:8], whole[5][4:8], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_trim_shrinks_the_change_only_as_far_as_the_target_keeps_its_margin(
+    loaded_model: LoadedModel,
+) -> None:
+    from workers.editing.hooks import applied
+    from workers.editing.keys import contextual_prompts
+    from workers.editing.targets import targets_top1
+
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    full = LokiEditor(model, tok, LokiConfig(trim_min_prob=0)).compute([EDIT])
+    trimmed_editor = LokiEditor(model, tok, LokiConfig(trim_min_prob=0.5, trim_contexts=6))
+    trimmed = trimmed_editor.compute([EDIT])
+    assert full.success and trimmed.success
+    # one common factor on every layer's output factor; the input directions are untouched
+    ratios = [trimmed.delta_norm[n] / full.delta_norm[n] for n in full.delta_norm]
+    assert 0.05 < ratios[0] < 0.97
+    assert ratios == pytest.approx([ratios[0]] * len(ratios), rel=1e-4)
+    assert full.trim_scale is None and trimmed.trim_scale == pytest.approx(ratios[0], rel=1e-4)
+    for before, after in zip(full.deltas, trimmed.deltas, strict=True):
+        assert torch.allclose(before.b, after.b)
+    # ...and the trimmed edit still gives the target at least the margin in every context
+    prompts = contextual_prompts([EDIT], trimmed_editor.contexts(6))
+    layers = {int(d.name.split(".")[2]): d for d in trimmed.deltas}
+    with applied(model, layers):
+        hits, probs = targets_top1(model, tok, prompts, [EDIT.target] * len(prompts))
+    assert all(hits) and min(probs) >= 0.5
+    # one bisection step less and some context falls below the margin: it trimmed as far as it may
+    cfg = trimmed_editor.config
+    less = (trimmed.trim_scale - 2.0**-cfg.trim_steps) / trimmed.trim_scale
+    for delta in layers.values():
+        delta.a = delta.a * less
+    with applied(model, layers):
+        hits, probs = targets_top1(model, tok, prompts, [EDIT.target] * len(prompts))
+    assert not (all(hits) and min(probs) >= 0.5)

@@ -40,6 +40,9 @@ TABLES = {
         ("keyframe_every", 0, "LOKID_KEYFRAME_EVERY", "greater than or equal to 1"),
         ("editor", "rm -rf /", "LOKID_EDITOR", "method name"),
         ("queue_name", "a b", "LOKID_QUEUE_NAME", "pattern"),
+        ("editor_options", {"trim_min_pro": 0.5}, "LOKID_EDITOR_OPTIONS", "no such setting"),
+        ("editor_options", {"top_k": 1.5}, "LOKID_EDITOR_OPTIONS", "expected a int"),
+        ("editor_options", {"target.lr": "fast"}, "LOKID_EDITOR_OPTIONS", "not a Python literal"),
     ],
 )
 def test_bad_settings_name_the_variable(
@@ -63,6 +66,17 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert defaults.embedded and defaults.is_sqlite
     assert defaults.database_url == "sqlite:///./var/lokid.db" and defaults.model == "bundled"
     assert str(defaults.version_store) == "var/versions"
+
+
+def test_editor_options_are_json_for_the_editing_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOKID_EDITOR_OPTIONS", '{"trim_min_prob": 0.5, "target.lr": "1.5"}')
+    assert load_settings().editor_options == {"trim_min_prob": "0.5", "target.lr": "1.5"}
+    monkeypatch.setenv("LOKID_EDITOR_OPTIONS", "trim_min_prob=0.5")
+    with pytest.raises(SettingsError, match="LOKID_EDITOR_OPTIONS: not valid JSON"):
+        load_settings()
+    monkeypatch.setenv("LOKID_EDITOR_OPTIONS", '{"l2": 1}')
+    with pytest.raises(SettingsError, match="LOKID_EDITOR_OPTIONS: only the editing core"):
+        load_settings(editor="tests.service.rank_one:RankOneEditor")
 
 
 def test_cli_stops_on_a_bad_setting_with_its_name(tmp_path: Path) -> None:

@@ -197,3 +197,24 @@ def test_edit_is_redone_when_a_rollback_moves_the_head(infra: Infra, loaded: Loa
     finally:
         RollbackDuringEdit.infra = None
         worker.live.reset()
+
+
+def test_worker_builds_the_editor_with_the_configured_options(
+    infra: Infra, loaded: LoadedModel
+) -> None:
+    from workers.editing.loki import LokiEditor
+
+    def worker(options: dict[str, str]) -> EditWorker:
+        settings = infra.settings.model_copy(update={"editor": "loki", "editor_options": options})
+        return EditWorker(
+            settings, factory=infra.factory, store=infra.store, bus=LocalBus(), loaded=loaded
+        )
+
+    editor = worker({"trim_min_prob": "0.5", "target.clamp_norm_factor": "0.4"}).editor
+    assert isinstance(editor, LokiEditor)
+    assert editor.config.trim_min_prob == 0.5 and editor.config.target.clamp_norm_factor == 0.4
+    # a range only the editor knows stops the worker at start, naming the field
+    with pytest.raises(ValueError, match="trim_min_prob"):
+        worker({"trim_min_prob": "1.5"})
+    with pytest.raises(ValueError, match="candidate_layers"):
+        worker({"candidate_layers": "(3, 99)"})

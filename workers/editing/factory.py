@@ -81,12 +81,18 @@ def with_overrides(config: Any, overrides: Mapping[str, str], prefix: str = "") 
     return dataclasses.replace(config, **changes)
 
 
+def config_for(method: str, overrides: Mapping[str, str] | None = None) -> Any:
+    """The method's default config with ``overrides`` set; refuses unknown names and values of
+    the wrong kind (ranges that depend on the model are checked when the editor is built)."""
+    _, config_class = _editor_and_config(method)
+    return with_overrides(config_class(), overrides or {})
+
+
 def build_editor(
     method: str,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     overrides: Mapping[str, str] | None = None,
 ) -> Editor:
-    editor_class, config_class = _editor_and_config(method)
-    config = with_overrides(config_class(), overrides or {})
-    return editor_class(model, tokenizer, config)  # type: ignore[call-arg]
+    editor_class, _ = _editor_and_config(method)
+    return editor_class(model, tokenizer, config_for(method, overrides))  # type: ignore[call-arg]

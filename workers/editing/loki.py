@@ -127,6 +127,24 @@ class LokiConfig:
     refine_steps: int = 10  # MPES: most projected gradient steps after the closed form
     refine_lr: float = 0.05
     extra_steps: int = 0  # MPES: keep going this many steps after the target is top-1
+    # Trim: once the edit has taken, shrink every layer's change by one common factor, as far as
+    # the target stays top-1 in every trim context with mean token probability ≥ trim_min_prob
+    # (bisection, trim_steps forwards). v* asks for NLL < 0.2 and its search ends at the clamp,
+    # so an edit delivers more than the edit prompt needs, and the drift grows faster than the
+    # change (the accumulated change scaled by 0.75 cost a third of the perplexity,
+    # docs/bench/drift-200). What the trim takes away is the margin paraphrases need: 200
+    # CounterFact edits (records 0–199, README "Trim"), eff / gen / spec, perplexity, fluency:
+    # off 0.98 / 0.905 / 0.665, 1.08×, 1.00×; 0.85 the same; 0.7 0.98 / 0.87 / 0.65, 1.05×,
+    # 1.04×; 0.6 with 8 contexts 0.98 / 0.875 / 0.69, 1.07×, 0.97×; 0.5 0.975 / 0.83 / 0.685,
+    # 1.04×, 0.99×; 0.3 no lower, fluency 0.95×. Off by default: at 0.5 the Eiffel Tower edit no
+    # longer answers "Where is the Eiffel Tower? The Eiffel Tower is located in the city of"
+    # (the paraphrase needs 0.84 of the change, the trim keeps 0.72). 0.5 is the low-perplexity
+    # setting.
+    trim_min_prob: float = 0.0
+    trim_steps: int = 5
+    # contexts the trim keeps the margin in: v*'s own, then more prefixes generated the same way
+    # (forward passes only, so more of them cost little)
+    trim_contexts: int = 4
     kl_weight: float = 1.0
     edit_norm: float = 0.1  # per-edit ‖ΔW‖ ≤ edit_norm · ‖W₀‖
     # cumulative ‖W − W₀‖ ≤ this · ‖W₀‖. The drift grows like √edits: at 0.5 the most used
@@ -165,6 +183,10 @@ class LokiConfig:
         check_count("self_text_tokens", self.self_text_tokens, minimum=len(OPENINGS))
         if self.refine_steps < 0 or self.extra_steps < 0:
             raise ValueError("refine_steps, extra_steps: must not be negative")
+        if not 0 <= self.trim_min_prob < 1:
+            raise ValueError(f"trim_min_prob: must be in [0, 1), got {self.trim_min_prob}")
+        check_count("trim_steps", self.trim_steps)
+        check_count("trim_contexts", self.trim_contexts)
         if not isinstance(self.target, TargetValueConfig):
             raise ValueError("target: must be a TargetValueConfig")
         return tuple(sorted(set(layers)))
@@ -274,9 +296,10 @@ class LokiEditor(Editor):
         return float(self.drift(layer).norm()) / self.base_norm[layer]
 
     # --- the edit --------------------------------------------------------------------------
-    def contexts(self) -> list[str]:
+    def contexts(self, n: int | None = None) -> list[str]:
+        """The bare prompt and generated prefixes: v*'s ``n_contexts``, or the first ``n``."""
         t = self.config.target
-        return context_templates(self.model, self.tokenizer, t.n_contexts, t.context_length)
+        return context_templates(self.model, self.tokenizer, n or t.n_contexts, t.context_length)
 
     def weight_basis(self, layer: int) -> torch.Tensor:
         """What every edit at ``layer`` must leave alone: W₀'s input directions, plus the top
@@ -390,7 +413,7 @@ class LokiEditor(Editor):
         )
         for layer, delta in deltas.items():
             self._bound(layer, delta, drift[layer])
-        steps, hits, loss = self._refine(requests, contexts, deltas, drift)
+        steps, hits, loss, kept = self._refine(requests, contexts, deltas, drift)
 
         delta_norm, rel_change = {}, {}
         for layer, delta in deltas.items():
@@ -409,6 +432,7 @@ class LokiEditor(Editor):
             success=all(hits),
             per_request_success=hits,
             loss=loss if loss is not None else values.loss,
+            trim_scale=kept,
         )
 
     def _refine(
@@ -417,9 +441,10 @@ class LokiEditor(Editor):
         contexts: Sequence[str],
         deltas: dict[int, MatrixDelta],
         drift: Mapping[int, torch.Tensor],
-    ) -> tuple[int, list[bool], float | None]:
+    ) -> tuple[int, list[bool], float | None, float | None]:
         """MPES: gradient steps on each change's output factor ``a`` (ΔW = a·b, b's rows in the
-        null space) until the target is top-1 in every context, then ``extra_steps`` more."""
+        null space) until the target is top-1 in every context, then ``extra_steps`` more; then
+        the trim. Returns steps, hits, loss and the trim's scale (None: no trim)."""
         cfg = self.config
         n_req, n_ctx = len(requests), len(contexts)
         prompts = contextual_prompts(requests, contexts)
@@ -439,7 +464,7 @@ class LokiEditor(Editor):
             delta.a = delta.a.to(self.device).requires_grad_(True)
             delta.b = delta.b.to(self.device)
         opt = torch.optim.Adam([d.a for d in deltas.values()], lr=cfg.refine_lr)  # type: ignore[misc]
-        steps, done_at, loss_value = 0, None, None
+        steps, done_at, loss_value, kept = 0, None, None, None
         hits = [False] * n_req
         try:
             with frozen(self.model):
@@ -476,11 +501,44 @@ class LokiEditor(Editor):
                     with torch.no_grad():
                         for layer, delta in deltas.items():
                             self._bound(layer, delta, drift[layer])
+            if all(hits) and cfg.trim_min_prob > 0:
+                with torch.no_grad():
+                    kept = self._trim(requests, deltas)
         finally:
             for delta in deltas.values():
                 delta.a = delta.a.detach().cpu()  # type: ignore[union-attr]
                 delta.b = delta.b.cpu()  # type: ignore[union-attr]
-        return steps, hits, loss_value
+        return steps, hits, loss_value, kept
+
+    def _trim(self, requests: Sequence[EditRequest], deltas: dict[int, MatrixDelta]) -> float:
+        """Scale every change's output factor by the smallest s in (0, 1] (to 2^-trim_steps)
+        at which each request keeps its target top-1 with mean token probability ≥
+        ``trim_min_prob`` in every trim context; returns s (1.0 where even the full change
+        misses the margin)."""
+        cfg = self.config
+        floor = math.log(cfg.trim_min_prob)
+        contexts = self.contexts(max(cfg.trim_contexts, cfg.target.n_contexts))
+        prompts = contextual_prompts(requests, contexts)
+        batch = build_batch(self.tokenizer, prompts, [r.target for r in requests for _ in contexts])
+        batch = batch.to(self.device)
+        index = TargetIndex.of(batch)
+        full = {layer: delta.a.detach().clone() for layer, delta in deltas.items()}  # type: ignore[union-attr]
+
+        def holds(scale: float) -> bool:
+            for layer, delta in deltas.items():
+                delta.a = full[layer] * scale
+            with applied(self.model, deltas):
+                token_lp, top1 = index.token_logprobs(logits_at(self.model, batch, index.positions))
+            return bool((index.row_all(top1) & (index.row_mean(token_lp) >= floor)).all())
+
+        lo, hi = 0.0, 1.0
+        if holds(hi):
+            for _ in range(cfg.trim_steps):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+        for layer, delta in deltas.items():
+            delta.a = full[layer] * hi
+        return hi
 
     @torch.no_grad()
     def _bound(self, layer: int, delta: MatrixDelta, drift: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ class EditResult:
     success: bool = False  # target top-1 on every observation
     per_request_success: list[bool] = field(default_factory=list)
     loss: float | None = None
+    trim_scale: float | None = None  # LOKI's trim: the share of the computed change kept
     # False when Editor.apply(require_success=True) left the weights alone because success was
     # False; relative_change is then what the change would have made of them
     applied: bool = True
@@ -51,5 +52,6 @@ class EditResult:
             "success": self.success,
             "per_request_success": self.per_request_success,
             "loss": self.loss,
+            "trim_scale": self.trim_scale,
             "applied": self.applied,
         }
