@@ -1,6 +1,6 @@
 """Where a LOKI edit's time goes: per-phase seconds over N sequential CounterFact edits.
 
-    python -m bench.edit_phases --n 12 --threads 2 --out results/edit-phases.json
+    python -m bench.edit_phases --n 12 --threads 2 --out results/edit-phases.json [--set k=v]
 
 Wraps the phases of ``LokiEditor`` (layer selection, v*, the per-layer solves, MPES and its
 trim, bookkeeping) with timers; run it on an otherwise idle machine, since the figures are wall
@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from bench.cli import COUNTERFACT, add_threads, use_threads
+from bench.cli import COUNTERFACT, add_overrides, add_threads, read_overrides, use_threads
 from workers.editing import loki
 from workers.editing.datasets import load_records
+from workers.editing.factory import build_editor
 from workers.editing.model import load_model
 
 PHASES = {
@@ -55,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=COUNTERFACT)
     p.add_argument("--n", type=int, default=12)
     add_threads(p)
+    add_overrides(p)
     p.add_argument("--out", type=Path, default=Path("results/edit-phases.json"))
     args = p.parse_args(argv)
+    read_overrides(p, args)
     use_threads(args)
 
     lm = load_model()
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, (owner, attr) in PHASES.items():
         setattr(owner, attr, timed(originals[name], seconds[name]))
     try:
-        editor = loki.LokiEditor(lm.model, lm.tokenizer)
+        editor = build_editor("loki", lm.model, lm.tokenizer, args.overrides)
+        assert isinstance(editor, loki.LokiEditor)
         editor.contexts()  # generated once per model: not part of an edit
         for record in records:
             start = time.perf_counter()
@@ -86,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         if v  # a phase the configuration skips (the trim when off) has no timings
     }
     summary["threads"] = torch.get_num_threads()  # type: ignore[assignment]
+    summary["overrides"] = args.overrides  # type: ignore[assignment]
     for name, stats in summary.items():
-        if isinstance(stats, dict):
+        if isinstance(stats, dict) and "median" in stats:
             print(f"{name:13s} median {stats['median']:.2f} s  mean {stats['mean']:.2f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -482,6 +482,10 @@ def test_edit_phases_cli_times_every_phase(tmp_path: Path) -> None:
     parts = sum(summary[p]["median"] for p in ("select", "target_value", "solves", "mpes"))
     assert parts <= summary["total"]["median"]
     assert loki.optimise_target_values is before  # the timers are taken off again
+    edit_phases.main(["--n", "1", "--out", str(out), "--set", "trim_min_prob=0.5"])
+    trimmed = json.loads(out.read_text())
+    assert trimmed["trim"]["n"] == 1 and trimmed["overrides"] == {"trim_min_prob": "0.5"}
+    assert trimmed["trim"]["median"] <= trimmed["mpes"]["median"]  # the trim runs inside MPES
 
 
 def test_per_edit_windows_follow_success_choices_and_drift(tmp_path: Path) -> None:
