@@ -170,15 +170,10 @@ class Settings(BaseSettings):
     @classmethod
     def _editor_options(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         editor = info.data.get("editor")
-        if not value or editor is None:
-            return value
-        if ":" in editor:
-            raise ValueError(
-                "only the editing core's methods (LOKID_EDITOR=loki, ...) take options"
-            )
-        from workers.editing.factory import config_for  # torch: only when options are set
+        if value and editor is not None:
+            from workers.editors import check_options  # torch: only when options are set
 
-        config_for(editor, value)
+            check_options(editor, value)
         return value
 
     @field_validator("rate_limit")

@@ -54,7 +54,7 @@ from workers.editing.sensitivity import residual_fisher
 from workers.editing.spread import spread_over_layers
 from workers.editing.stats import key_second_moments
 from workers.editing.target_value import KL_TEMPLATE, TargetValueConfig, optimise_target_values
-from workers.editing.targets import TargetIndex
+from workers.editing.targets import TargetIndex, targets_top1
 from workers.editing.validation import check_count, check_positive
 
 _STATE_KEY = re.compile(r"^keys\.(\d+)$")
@@ -516,20 +516,17 @@ class LokiEditor(Editor):
         ``trim_min_prob`` in every trim context; returns s (1.0 where even the full change
         misses the margin)."""
         cfg = self.config
-        floor = math.log(cfg.trim_min_prob)
         contexts = self.contexts(max(cfg.trim_contexts, cfg.target.n_contexts))
         prompts = contextual_prompts(requests, contexts)
-        batch = build_batch(self.tokenizer, prompts, [r.target for r in requests for _ in contexts])
-        batch = batch.to(self.device)
-        index = TargetIndex.of(batch)
+        targets = [r.target for r in requests for _ in contexts]
         full = {layer: delta.a.detach().clone() for layer, delta in deltas.items()}  # type: ignore[union-attr]
 
         def holds(scale: float) -> bool:
             for layer, delta in deltas.items():
                 delta.a = full[layer] * scale
             with applied(self.model, deltas):
-                token_lp, top1 = index.token_logprobs(logits_at(self.model, batch, index.positions))
-            return bool((index.row_all(top1) & (index.row_mean(token_lp) >= floor)).all())
+                hits, probs = targets_top1(self.model, self.tokenizer, prompts, targets)
+            return all(hits) and min(probs) >= cfg.trim_min_prob
 
         lo, hi = 0.0, 1.0
         if holds(hi):
