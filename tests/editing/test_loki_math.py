@@ -198,6 +198,8 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(trim_min_prob=1.0), "trim_min_prob"),
         (LokiConfig(trim_min_prob=float("nan")), "trim_min_prob"),
         (LokiConfig(trim_min_prob=0.5, trim_steps=0), "trim_steps"),
+        (LokiConfig(trim_min_margin=-1.0), "trim_min_margin"),
+        (LokiConfig(trim_min_margin=float("nan")), "trim_min_margin"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:

@@ -203,3 +203,35 @@ def test_trim_shrinks_the_change_only_as_far_as_the_target_keeps_its_margin(
     with applied(model, layers):
         hits, probs = targets_top1(model, tok, prompts, [EDIT.target] * len(prompts))
     assert not (all(hits) and min(probs) >= 0.5)
+
+
+@pytest.mark.slow
+def test_trim_keeps_the_target_a_lead_over_the_old_answer(loaded_model: LoadedModel) -> None:
+    from dataclasses import replace
+
+    from workers.editing.hooks import applied
+    from workers.editing.keys import contextual_prompts
+    from workers.editing.scoring import target_logprobs
+
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    cfg = LokiConfig(trim_min_margin=2.5)
+    editor = LokiEditor(model, tok, cfg)
+    trimmed = editor.compute([EDIT])
+    assert trimmed.success and trimmed.trim_scale is not None and trimmed.trim_scale < 1
+    prompts = contextual_prompts([EDIT], editor.contexts(cfg.trim_contexts))
+    layers = {int(d.name.split(".")[2]): d for d in trimmed.deltas}
+
+    def leads() -> list[float]:
+        with applied(model, layers):
+            new = target_logprobs(model, tok, prompts, [EDIT.target] * len(prompts))
+            old = target_logprobs(model, tok, prompts, [" Paris"] * len(prompts))  # one token
+        return [n - o for n, o in zip(new, old, strict=True)]
+
+    assert min(leads()) >= 2.5
+    less = (trimmed.trim_scale - 2.0**-cfg.trim_steps) / trimmed.trim_scale
+    for delta in layers.values():
+        delta.a = delta.a * less
+    assert min(leads()) < 2.5  # one bisection step less loses the lead somewhere
+    # without a ground truth the old answer is what the model said before: Paris here too
+    unlabelled = editor.compute([replace(EDIT, ground_truth=None)])
+    assert unlabelled.trim_scale == trimmed.trim_scale
