@@ -227,7 +227,7 @@ def test_trim_keeps_the_target_a_lead_over_the_old_answer(loaded_model: LoadedMo
             old = target_logprobs(model, tok, prompts, [" Paris"] * len(prompts))  # one token
         return [n - o for n, o in zip(new, old, strict=True)]
 
-    assert min(leads()) >= 2.5
+    assert min(leads()) >= 2.5 - 1e-4
     less = (trimmed.trim_scale - 2.0**-cfg.trim_steps) / trimmed.trim_scale
     for delta in layers.values():
         delta.a = delta.a * less
@@ -235,3 +235,42 @@ def test_trim_keeps_the_target_a_lead_over_the_old_answer(loaded_model: LoadedMo
     # without a ground truth the old answer is what the model said before: Paris here too
     unlabelled = editor.compute([replace(EDIT, ground_truth=None)])
     assert unlabelled.trim_scale == trimmed.trim_scale
+
+
+def test_the_old_answer_is_the_truth_where_it_differs_else_what_the_model_said(
+    loaded_model: LoadedModel,
+) -> None:
+    from dataclasses import replace
+
+    from workers.editing.batch import encode
+    from workers.editing.scoring import target_logprobs
+    from workers.editing.targets import TargetProbe
+
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    editor = LokiEditor(model, tok, LokiConfig(trim_min_margin=1.0))
+    contexts = editor.contexts(2)
+
+    def rivals(request: EditRequest) -> tuple[list[int], list[int], TargetProbe]:
+        prompts = [c.replace("{}", request.text) for c in contexts]
+        probe = TargetProbe(model, tok, prompts, [request.target] * len(prompts))
+        got = editor._old_answers([request], len(contexts), probe)
+        return got.offsets.tolist(), got.tokens.tolist(), probe
+
+    paris, london = encode(tok, " Paris")[0], encode(tok, " London")[0]
+    assert rivals(replace(EDIT, ground_truth="London"))[:2] == ([0, 0], [london, london])
+    # no ground truth: the model's own answer before the edit
+    assert rivals(replace(EDIT, ground_truth=None))[:2] == ([0, 0], [paris, paris])
+    # answers that share their first token are compared where they part
+    delhi = replace(EDIT, target_new="New Delhi", ground_truth="New York")
+    new, old = encode(tok, delhi.target), encode(tok, " New York")
+    assert new[0] == old[0] and new[1] != old[1]
+    offsets, tokens, probe = rivals(delhi)
+    assert offsets == [1, 1] and tokens == [old[1], old[1]]
+    leads = probe.read(editor._old_answers([delhi], len(contexts), probe)).leads
+    # the target's mean log-prob against " York" after " New", in the bare context
+    target_lp = target_logprobs(model, tok, [delhi.text], [delhi.target])[0]
+    york_lp = target_logprobs(model, tok, [delhi.text + " New"], [" York"])[0]
+    expected = target_lp - york_lp
+    assert leads is not None and leads[0] == pytest.approx(expected, abs=1e-3)
+    # one answer containing the other: nothing to compare
+    assert rivals(replace(EDIT, target_new="Paris Hilton", ground_truth="Paris"))[1] == [-1, -1]

@@ -56,7 +56,7 @@ class PromptBatch:
         return torch.tensor(self.prompt_len, device=self.input_ids.device) - 1
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -75,8 +75,8 @@ def build_batch(
     target_ids: list[list[int]] = []
     subject_last: list[int] = []
     for prompt, target, subject in zip(prompts, targets, subjects, strict=True):
-        p_ids = _encode(tokenizer, prompt)
-        t_ids = _encode(tokenizer, target) if target else []
+        p_ids = encode(tokenizer, prompt)
+        t_ids = encode(tokenizer, target) if target else []
         if not p_ids:
             raise ValueError("prompt: tokenises to nothing")
         rows.append(p_ids + t_ids)
@@ -103,5 +103,5 @@ def _subject_last_token(
     if at < 0:
         raise ValueError(f"subject: {subject!r} does not occur in prompt {prompt!r}")
     # tokens of the text up to the subject's end; the last of them is the subject's last token
-    upto = _encode(tokenizer, prompt[: at + len(subject)])
+    upto = encode(tokenizer, prompt[: at + len(subject)])
     return min(len(upto), n_prompt) - 1

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.editing.batch import left_padded
+from workers.editing.batch import encode, left_padded
 from workers.editing.datasets import EvalRecord
 from workers.editing.scoring import target_logprobs
 
@@ -33,7 +33,7 @@ EDIT_METRICS = ("efficacy", "generalization", "specificity")
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
     # same tokenisation as batch.build_batch: prompt and target separately, no special tokens
-    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return tuple(encode(tokenizer, text))
 
 
 def _can_split_head(model: PreTrainedModel) -> bool:

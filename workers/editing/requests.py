@@ -115,3 +115,8 @@ class EditRequest:
     def target(self) -> str:
         """The target as the model should produce it after the prompt: one leading space."""
         return " " + self.target_new.strip()
+
+    @property
+    def truth(self) -> str | None:
+        """The ground truth presented like ``target``, or None when not given."""
+        return None if self.ground_truth is None else " " + self.ground_truth.strip()

@@ -56,12 +56,23 @@ class TargetIndex:
 
 @dataclass
 class TargetReadout:
-    """Per prompt: every target token the argmax (teacher-forced), P(target) per token, and how
-    far the target's mean token log-probability leads a rival token's at the first position."""
+    """Per prompt: every target token the argmax (teacher-forced), P(target) per token, the
+    model's top token at the first target position, and (when rivals are given) how far the
+    target's mean token log-probability leads its rival token's log-probability."""
 
     hits: list[bool]
     probs: list[float]
+    said: list[int]
     leads: list[float] | None = None
+
+
+@dataclass
+class Rivals:
+    """Per prompt: a token to compare the target with, and at which target position (0 = the
+    first); token -1 = no rival (the lead is +inf)."""
+
+    offsets: torch.Tensor
+    tokens: torch.Tensor
 
 
 class TargetProbe:
@@ -77,30 +88,25 @@ class TargetProbe:
         self.model = model
         self.batch = build_batch(tokenizer, prompts, targets).to(next(model.parameters()).device)
         self.index = TargetIndex.of(self.batch)
-        self.first = self.index.column_of(self.batch.last_prompt_pos())
+        self.rows = torch.arange(len(prompts), device=self.batch.input_ids.device)
+        self.first = self.batch.last_prompt_pos()
 
     @torch.no_grad()
-    def read(self, rivals: torch.Tensor | None = None) -> TargetReadout:
-        """``rivals``: a token id per prompt (-1: none) whose log-probability at the first
-        target position the target's mean token log-probability is compared with."""
+    def read(self, rivals: Rivals | None = None) -> TargetReadout:
         logits = logits_at(self.model, self.batch, self.index.positions)
         token_lp, top1 = self.index.token_logprobs(logits)
         mean_lp = self.index.row_mean(token_lp)
-        out = TargetReadout(self.index.row_all(top1).tolist(), mean_lp.exp().tolist())
+        said = logits[self.rows, self.index.column_of(self.first)].argmax(dim=-1)
+        out = TargetReadout(
+            self.index.row_all(top1).tolist(), mean_lp.exp().tolist(), said.tolist()
+        )
         if rivals is not None:
-            rows = torch.arange(len(self.first), device=self.first.device)
-            first_lp = torch.log_softmax(logits[rows, self.first].float(), dim=-1)
-            rival_lp = first_lp.gather(1, rivals.clamp_min(0)[:, None]).squeeze(1)
-            lead = torch.where(rivals >= 0, mean_lp - rival_lp, torch.full_like(mean_lp, math.inf))
-            out.leads = lead.tolist()
+            column = self.index.column_of(self.first + rivals.offsets.clamp_min(0))
+            rival_lp = torch.log_softmax(logits[self.rows, column].float(), dim=-1)
+            rival_lp = rival_lp.gather(1, rivals.tokens.clamp_min(0)[:, None]).squeeze(1)
+            lead = mean_lp - rival_lp
+            out.leads = torch.where(rivals.tokens >= 0, lead, math.inf).tolist()
         return out
-
-    @torch.no_grad()
-    def top_tokens(self) -> torch.Tensor:
-        """The model's most likely token at each prompt's first target position."""
-        logits = logits_at(self.model, self.batch, self.index.positions)
-        rows = torch.arange(len(self.first), device=self.first.device)
-        return logits[rows, self.first].argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -113,8 +119,3 @@ def targets_top1(
     """Per prompt: is every target token the argmax (teacher-forced), and P(target) per token."""
     readout = TargetProbe(model, tokenizer, prompts, targets).read()
     return readout.hits, readout.probs
-
-
-def first_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    """The first token of ``text`` as a target after a prompt (no special tokens)."""
-    return int(tokenizer(text, add_special_tokens=False)["input_ids"][0])
