@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.core.config import Settings
+from workers.editing.requests import as_answer
 
 
 class _Tokenizer(Protocol):
@@ -62,7 +63,7 @@ class Limits:
                 problem = self.prompt_problem(_count(tokenizer, text))
                 if problem:
                     return name, problem
-        target = _count(tokenizer, " " + str(fields["target_new"]).strip())
+        target = _count(tokenizer, as_answer(str(fields["target_new"])))
         if target > self.max_target_tokens:
             return "target_new", (
                 f"{target} tokens; at most {self.max_target_tokens} are allowed "

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.batch import encode, left_padded
 from workers.editing.datasets import EvalRecord
+from workers.editing.requests import as_answer
 from workers.editing.scoring import target_logprobs
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -130,11 +131,6 @@ def shared_prefix_logprobs(
 # ---------------------------------------------------------------- edit metrics
 
 
-def _target(text: str) -> str:
-    # the way EditRequest.target presents a target: one leading space after the prompt
-    return " " + text.strip()
-
-
 @dataclass(frozen=True)
 class RecordScores:
     """Mean per-token log-probs for one record; the metrics are comparisons between them."""
@@ -171,9 +167,9 @@ def edit_scores(
     targets: list[str] = []
     for rec in records:
         new, truth, loc_truth = (
-            _target(rec.target_new),
-            _target(rec.ground_truth),
-            _target(rec.locality_ground_truth),
+            as_answer(rec.target_new),
+            as_answer(rec.ground_truth),
+            as_answer(rec.locality_ground_truth),
         )
         prompts += [rec.prompt, rec.prompt, rec.rephrase_prompt, rec.rephrase_prompt]
         targets += [new, truth, new, truth]

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.batch import build_batch
 from workers.editing.evaluate import DATA_DIR, _can_split_head, greedy_generations, perplexity
+from workers.editing.requests import as_answer
 from workers.editing.scoring import target_logprobs
 
 DEFAULT_CANARIES = DATA_DIR / "canaries.json"
@@ -65,7 +66,7 @@ def canaries_correct(
     """A canary is answered when the answer's first token is the model's top prediction."""
     device = next(model.parameters()).device
     batch = build_batch(
-        tokenizer, [c.prompt for c in canaries], [" " + c.answer.strip() for c in canaries]
+        tokenizer, [c.prompt for c in canaries], [as_answer(c.answer) for c in canaries]
     ).to(device)
     rows = torch.arange(len(canaries), device=device)
     if _can_split_head(model):  # the vocabulary projection only where it is read: 1/n the cost
@@ -135,7 +136,7 @@ def probe(
     max_new_tokens: int,
 ) -> list[Probe]:
     pairs_p = list(prompts) + [p for p, t in zip(prompts, truths, strict=True) if t]
-    pairs_t = [" " + t.strip() for t in targets] + [" " + t.strip() for t in truths if t]
+    pairs_t = [as_answer(t) for t in targets] + [as_answer(t) for t in truths if t]
     logprobs = target_logprobs(model, tokenizer, pairs_p, pairs_t)
     texts = greedy_generations(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     truth_lp = iter(logprobs[len(prompts) :])

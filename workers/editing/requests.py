@@ -43,6 +43,11 @@ def _text_list(value: Any, name: str) -> tuple[str, ...]:
     return tuple(_text(v, f"{name}[{i}]") or "" for i, v in enumerate(value))
 
 
+def as_answer(text: str) -> str:
+    """An answer as the model should produce it after a prompt: one leading space."""
+    return " " + text.strip()
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact correction: after it, ``prompt`` about ``subject`` continues with ``target_new``."""
@@ -114,9 +119,9 @@ class EditRequest:
     @property
     def target(self) -> str:
         """The target as the model should produce it after the prompt: one leading space."""
-        return " " + self.target_new.strip()
+        return as_answer(self.target_new)
 
     @property
     def truth(self) -> str | None:
         """The ground truth presented like ``target``, or None when not given."""
-        return None if self.ground_truth is None else " " + self.ground_truth.strip()
+        return None if self.ground_truth is None else as_answer(self.ground_truth)
