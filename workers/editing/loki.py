@@ -94,13 +94,15 @@ class LokiConfig:
     # edits. self_text_energy > 0 adds to the hard null space the top directions of E[kkᵀ] on
     # that text covering this share of its energy; self_text_weight > 0 instead adds λ·E[kkᵀ]
     # to the ridge (soft, MEMIT-style: ordinary outputs move as little as the edit allows).
-    # λ = 300 puts the prior's mean eigenvalue near α; at 3000 it outweighed the past edits'
-    # keys and bought nothing. With weight_rel_threshold 0.5 (README "A lighter self-text
-    # prior"), 200 CounterFact edits: records 0–199 perplexity 1.08× → 1.04×, records
-    # 5000–5199 1.09× → 1.06×, held-out text 1.16× → 1.10× on both, edit-metric mean
-    # 0.850 → 0.852 and 0.853 → 0.842, fluency 1.00× → 0.97×; 1,000 edits: efficacy 0.908 →
-    # 0.937, perplexity 2.41× → 1.84×, fluency 0.75× → 0.84×, per-edit success 0.84 → 0.96.
-    # Sampling the text costs ~35 s once per model (cached under var/stats).
+    # λ = 300 puts the prior's mean eigenvalue at 0.3–0.6 of α on SmolLM2; at 3000 it
+    # outweighed the past edits' keys and bought nothing. With weight_rel_threshold 0.5
+    # (README "A lighter self-text prior"), 200 CounterFact edits, records 0–199 / 5000–5199 /
+    # 2000–2199: perplexity 1.08× / 1.09× / 1.08× → 1.04× / 1.06× / 1.05×, held-out text
+    # 1.16× / 1.16× / 1.19× → 1.10× / 1.10× / 1.09×, edit-metric mean 0.850 / 0.853 / 0.850 →
+    # 0.852 / 0.842 / 0.843, fluency 1.00× / 0.99× / 0.99× → 0.97× / 0.97× / 0.98×; 1,000
+    # edits: efficacy 0.908 → 0.937, perplexity 2.41× → 1.84×, fluency 0.75× → 0.84×,
+    # per-edit success 0.84 → 0.96. Sampling the text costs ~35 s once per model (cached
+    # under var/stats).
     self_text_tokens: int = 4096
     self_text_energy: float = 0.0
     self_text_weight: float = 300.0
