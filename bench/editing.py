@@ -48,6 +48,11 @@ DEFAULT_DATA = {
     "zsre": "../shared/data/zsre/train-1k.json",
 }
 METRICS = (*EDIT_METRICS, "fluency", "perplexity", "perplexity_heldout")
+# Fluency was read on the shipped file's first 25 prompts until session 13; a 200-edit run's
+# fluency ratio then moved by ±0.02–0.03 between runs of one setting, as much as the 0.98× target's
+# margin, so the file now holds 100 and the first 25 are still reported on their own.
+FIRST_PROMPTS = 25
+CHECKPOINT_PROMPTS = 10
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -67,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint-prompts",
         type=int,
-        default=10,
+        default=CHECKPOINT_PROMPTS,
         help="fluency prompts used at intermediate checkpoints (all of them at the end)",
     )
     p.add_argument(
@@ -124,12 +129,15 @@ class Evaluator:
         self.n_cheap = max(1, min(checkpoint_prompts, len(self.prompts)))
         self.ppl_tokens = ppl_tokens
 
-    def _entropies(self, full: bool) -> list[float]:
-        # the cheap subset is always generated as one batch of its own, so its texts are the
-        # same whether or not the rest follows (padding can shift greedy choices)
+    def entropies(self, full: bool) -> list[float]:
+        # The cheap subset is always generated as one batch of its own, and the rest of the first
+        # FIRST_PROMPTS as another, so their texts are the same whether or not more follow
+        # (padding can shift greedy choices) and the earlier 25-prompt figures stay comparable.
         parts = [(self.prompts[: self.n_cheap], self.n_cheap)]
         if full:
-            parts.append((self.prompts[self.n_cheap :], 16))
+            split = max(self.n_cheap, FIRST_PROMPTS)
+            parts.append((self.prompts[self.n_cheap : split], 16))
+            parts.append((self.prompts[split:], 16))
         texts: list[str] = []
         for prompts, batch_size in parts:
             if prompts:
@@ -149,12 +157,15 @@ class Evaluator:
         timings["edit_metrics"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        entropies = self._entropies(full)
+        entropies = self.entropies(full)
         # "fluency_checkpoint" is on the same prompts at every checkpoint, for the curve;
         # "fluency" is on every prompt at the end, on the cheap subset in between
         out["fluency_checkpoint"] = statistics.fmean(entropies[: self.n_cheap])
         out["fluency"] = statistics.fmean(entropies)
         out["fluency_prompts"] = len(entropies)
+        if full:
+            out[f"fluency_first{FIRST_PROMPTS}"] = statistics.fmean(entropies[:FIRST_PROMPTS])
+            out["fluency_entropies"] = [round(e, 5) for e in entropies]
         timings["fluency"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -184,6 +195,20 @@ def ratios(edited: dict[str, Any], unedited: dict[str, Any]) -> dict[str, float 
         a, b = edited.get(m), unedited.get(m)
         out[m] = None if a is None or not b else a / b
     return out
+
+
+def ratio_interval(
+    edited: Sequence[float], unedited: Sequence[float], *, draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% paired-bootstrap interval of mean(edited) / mean(unedited) over the prompts: how
+    far the fluency ratio is from being a measurement of noise."""
+    a, b = np.asarray(edited, dtype=float), np.asarray(unedited, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError("edited and unedited: need the same, non-zero number of prompts")
+    picks = np.random.default_rng(seed).integers(0, a.size, size=(draws, a.size))
+    r = a[picks].mean(axis=1) / b[picks].mean(axis=1)
+    lo, hi = np.percentile(r, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def plot(path: Path, checkpoints: list[dict[str, Any]], unedited: dict[str, Any]) -> None:
@@ -353,6 +378,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     final = summary["checkpoints"][-1]
     summary["metrics"] = {k: final[k] for k in METRICS}
     summary["ratios"] = ratios(summary["metrics"], unedited)
+    first = f"fluency_first{FIRST_PROMPTS}"
+    summary["metrics"][first] = final[first]
+    summary["ratios"][first] = final[first] / unedited[first] if unedited[first] else None
+    summary["fluency_ratio_interval"] = ratio_interval(
+        final["fluency_entropies"], unedited["fluency_entropies"]
+    )
     summary["complete"] = True
     summary["wall_seconds"] = round(time.perf_counter() - run_started, 1)
     _write_json(args.out / "summary.json", summary)

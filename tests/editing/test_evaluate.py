@@ -266,7 +266,11 @@ def test_batched_greedy_generation_matches_unbatched(loaded_model) -> None:
         assert text == prompt + greedy_continuation(model, tok, prompt, max_new_tokens=6)
     value = fluency(model, tok, prompts[:1], max_new_tokens=6)
     assert 0.0 < value < 10.0
-    assert 20 <= len(fluency_prompts()) <= 30
+    prompts = fluency_prompts()
+    assert len(prompts) == 100 and len(set(prompts)) == 100
+    # the first 25 are the set earlier figures were read on (bench.editing reports them apart)
+    assert prompts[0] == "The history of the city begins"
+    assert prompts[24] == "The weather forecast for tomorrow says"
 
 
 # ---------------------------------------------------------------- the benchmark CLI
@@ -326,6 +330,11 @@ def test_bench_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             summary["metrics"][key] / summary["unedited"][key]
         )
     assert [c["n_edits"] for c in summary["checkpoints"]] == [2, 4]
+    final, before = summary["checkpoints"][-1], summary["unedited"]
+    assert len(final["fluency_entropies"]) == len(before["fluency_entropies"]) == 3
+    assert final["fluency"] == pytest.approx(sum(final["fluency_entropies"]) / 3, abs=1e-4)
+    lo, hi = summary["fluency_ratio_interval"]
+    assert lo <= hi
     assert summary["edit_success_rate"] == 1.0
     assert set(summary["seconds_per_edit"]) == {"median", "p90", "mean"}
     # the edits are real: the new targets now win where the unedited model preferred the truth
@@ -348,6 +357,17 @@ def test_bench_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     table = table_path.read_text()
     assert "| unedited |" in table and "| ft |" in table
     assert (tmp_path / "cmp.png").is_file()
+
+
+def test_fluency_ratio_interval() -> None:
+    base = [5.0, 6.0, 4.0, 5.5, 5.2]
+    assert bench_editing.ratio_interval(base, base) == pytest.approx((1.0, 1.0))
+    assert bench_editing.ratio_interval([0.9 * b for b in base], base) == pytest.approx((0.9, 0.9))
+    # one prompt falling into a repetition loop: the ratio drops and the interval widens
+    lo, hi = bench_editing.ratio_interval([2.0, *base[1:]], base)
+    assert lo < 0.9 < hi <= 1.0
+    with pytest.raises(ValueError, match="same"):
+        bench_editing.ratio_interval(base[:3], base)
 
 
 def _fake_summary(method: str, eff: float) -> dict:
@@ -602,3 +622,21 @@ def test_quadrature_ratio_tells_aligned_from_orthogonal_changes() -> None:
 
     assert quadrature_ratio([change(0), change(1), change(2)], keys) == pytest.approx(1.0)
     assert quadrature_ratio([change(0), change(0), change(0)], keys) == pytest.approx(3.0)
+
+
+@pytest.mark.slow
+def test_fluency_noise_bench_restores_the_model(tmp_path: Path) -> None:
+    from bench import fluency_noise
+
+    argv = ["--scale", "0.25", "--seeds", "2", "--prompts", "3", "--tokens", "6",
+            "--ppl-tokens", "128", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+    result = fluency_noise.main(argv)
+    assert [r["seed"] for r in result["runs"]] == [0, 1] and result["prompts"] == 3
+    # noise this size costs perplexity on every seed, and each seed draws its own noise
+    assert all(r["ppl_ratio"] > 1.0 for r in result["runs"])
+    assert result["runs"][0]["ppl_ratio"] != result["runs"][1]["ppl_ratio"]
+    assert result["fluency_ratio"]["min"] <= result["fluency_ratio"]["max"]
+    assert result["perplexity_restored"] == pytest.approx(result["unedited"]["perplexity"])
+    assert (tmp_path / "fluency-noise.png").read_bytes()[:4] == b"\x89PNG"
+    written = json.loads((tmp_path / "fluency-noise.json").read_text())
+    assert written["runs"] == result["runs"]
