@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.plots import pyplot, save_figure
+
 log = logging.getLogger("bench.compare")
 
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
@@ -84,10 +86,7 @@ def markdown(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def bar_chart(summaries: Sequence[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     series: list[tuple[str, dict[str, Any]]] = []
@@ -119,9 +118,7 @@ def bar_chart(summaries: Sequence[dict[str, Any]], path: Path) -> None:
     right.set_xticks(xr + wr * (len(summaries) - 1) / 2, ["fluency", "perplexity"])
     right.set_ylabel("edited / unedited")
     right.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from bench.cli import COUNTERFACT, add_overrides, add_threads, read_overrides, use_threads
+from bench.plots import pyplot, save_figure
 from workers.editing.datasets import load_records
 from workers.editing.delta import MatrixDelta
 from workers.editing.evaluate import PERPLEXITY_TEXTS, token_nll
@@ -92,10 +93,7 @@ def per_edit_shares(
 
 
 def plot(path: Path, summary: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = summary["layers"]
     names = [str(layer) for layer in layers] + ["all"]
@@ -107,9 +105,7 @@ def plot(path: Path, summary: dict[str, Any]) -> None:
     ax.set_xlabel("edited layer, its accumulated change alone")
     ax.set_ylabel("perplexity increase")
     ax.set_title(f"Drift after {summary['n_edits']} edits, by layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

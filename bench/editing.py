@@ -28,15 +28,19 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.cli import COUNTERFACT, add_overrides, add_threads, read_overrides, use_threads
+from bench.paired import paired_bootstrap
+from bench.plots import pyplot, save_figure
 from workers.editing.datasets import DATASETS, EvalRecord, load_records
 from workers.editing.evaluate import (
     EDIT_METRICS,
-    edit_metrics,
+    edit_scores,
     fluency_prompts,
     greedy_generations,
     heldout_text,
     ngram_entropy,
     perplexity,
+    record_outcomes,
+    summarise_scores,
 )
 from workers.editing.factory import METHODS, build_editor
 from workers.editing.model import load_model
@@ -153,7 +157,10 @@ class Evaluator:
     def __call__(self, records: Sequence[EvalRecord], *, full: bool) -> dict[str, Any]:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        out: dict[str, Any] = dict(edit_metrics(self.model, self.tokenizer, records))
+        scores = edit_scores(self.model, self.tokenizer, records)
+        out: dict[str, Any] = dict(summarise_scores(scores))
+        if full:
+            out["outcomes"] = record_outcomes(scores)
         timings["edit_metrics"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -205,17 +212,13 @@ def ratio_interval(
     a, b = np.asarray(edited, dtype=float), np.asarray(unedited, dtype=float)
     if a.shape != b.shape or a.size == 0:
         raise ValueError("edited and unedited: need the same, non-zero number of prompts")
-    picks = np.random.default_rng(seed).integers(0, a.size, size=(draws, a.size))
-    r = a[picks].mean(axis=1) / b[picks].mean(axis=1)
-    lo, hi = np.percentile(r, [2.5, 97.5])
-    return float(lo), float(hi)
+    return paired_bootstrap(
+        a, b, lambda u, v: u.mean(axis=-1) / v.mean(axis=-1), draws=draws, seed=seed
+    )
 
 
 def plot(path: Path, checkpoints: list[dict[str, Any]], unedited: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     xs = [0] + [c["n_edits"] for c in checkpoints]
@@ -242,9 +245,7 @@ def plot(path: Path, checkpoints: list[dict[str, Any]], unedited: dict[str, Any]
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("dashed: unedited model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def result_line(summary: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from bench.cli import add_threads, use_threads
 from bench.editing import CHECKPOINT_PROMPTS, FIRST_PROMPTS, Evaluator
+from bench.plots import pyplot, save_figure
 from workers.editing import arch
 from workers.editing.evaluate import perplexity
 from workers.editing.loki import LokiConfig
@@ -32,10 +33,7 @@ from workers.editing.model import load_model
 
 
 def plot(path: Path, runs: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in (("ratio_first", f"first {FIRST_PROMPTS} prompts"), ("ratio", "all")):
@@ -45,9 +43,7 @@ def plot(path: Path, runs: list[dict[str, Any]]) -> None:
     ax.set_ylabel("fluency ratio")
     ax.set_title("Random noise on the edited layers, one point per seed")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -20,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.cli import COUNTERFACT, add_threads, use_threads
+from bench.plots import pyplot, save_figure
 from workers.editing.datasets import load_records
 from workers.editing.evaluate import perplexity
 from workers.editing.hooks import applied
@@ -40,10 +41,7 @@ def parse_layers(text: str) -> list[int]:
 
 
 def plot(path: Path, per_layer: dict[int, dict[str, float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = sorted(per_layer)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -51,9 +49,7 @@ def plot(path: Path, per_layer: dict[int, dict[str, float]]) -> None:
     ax.set_xlabel("edited layer (down_proj)")
     ax.set_ylabel("perplexity increase per edit")
     ax.set_title("Cost of one complete edit, by layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch
 
 from bench import compare
 from bench import editing as bench_editing
+from bench import paired as bench_paired
 from workers.editing import arch
 from workers.editing.datasets import load_records
 from workers.editing.delta import MatrixDelta
@@ -351,6 +352,17 @@ def test_bench_cli_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert all(r["method"] == "rank1-test" and r["ranks"] for r in lines)
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
+    # each record's final outcome is kept, and agrees with the fractions
+    got = final["outcomes"]
+    assert got["case_id"] == [str(r["case_id"]) for r in raw]
+    for key in ("efficacy", "generalization", "specificity"):
+        assert sum(got[key]) / 4 == pytest.approx(final[key])
+        assert len(before["outcomes"][key]) == 4
+    # a run compared with itself differs by nothing
+    paired = bench_paired.compare([out / "summary.json"], [out / "summary.json"])
+    assert paired["records"] == 4
+    assert paired["metrics"]["mean of the three"]["interval"] == [0.0, 0.0]
+
     # the comparison table reads the run back
     table_path = tmp_path / "cmp.md"
     assert compare.main([str(out / "summary.json"), "--out", str(table_path)]) == 0
@@ -390,6 +402,41 @@ def test_compare_table(tmp_path: Path) -> None:
     # a summary from before the held-out text was scored shows "-" there
     assert "| unedited | 0.300 | 0.500 | 0.800 | 0.533 | 5.000 | 20.00 | - | - |" in lines
     assert "| loki | 1.000 | 0.500 | 0.800 | 0.767 | 5.000 | 20.00 | - | 1.50 |" in lines
+
+
+def _outcome_summary(path: Path, method: str, cases: list[str], eff: list[int]) -> Path:
+    n = len(cases)
+    final = {"outcomes": {"case_id": cases, "efficacy": eff, "generalization": [1] * n,
+                          "specificity": [0] * n}}  # fmt: skip
+    path.mkdir()
+    data = {"method": method, "dataset": "counterfact", "complete": True, "checkpoints": [final]}
+    (path / "summary.json").write_text(json.dumps(data))
+    return path / "summary.json"
+
+
+def test_paired_comparison(tmp_path: Path) -> None:
+    cases = [str(i) for i in range(40)]
+    a = _outcome_summary(tmp_path / "a", "loki", cases, [1] * 40)
+    b = _outcome_summary(tmp_path / "b", "alphaedit", cases[::-1], [1] * 30 + [0] * 10)
+    result = bench_paired.compare([a], [b])
+    eff = result["metrics"]["efficacy"]
+    assert (eff["a"], eff["b"], eff["only_a"], eff["only_b"]) == (1.0, 0.75, 10, 0)
+    lo, hi = eff["interval"]
+    assert 0.0 < lo < 0.25 < hi <= 0.5  # ten wins in forty: clearly above zero, not exact
+    mean = result["metrics"]["mean of the three"]
+    assert mean["difference"] == pytest.approx(0.25 / 3)
+    assert result["metrics"]["generalization"]["interval"] == [0.0, 0.0]
+    # records are matched by case id, not position: half of B's records are not in A
+    c = _outcome_summary(tmp_path / "c", "ft", [str(i) for i in range(20, 60)], [0] * 40)
+    assert bench_paired.compare([a], [c])["records"] == 20
+    assert "| efficacy | 1.000 | 0.750 | +0.250 |" in bench_paired.markdown(result)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"method": "loki", "complete": True, "checkpoints": [{}]}))
+    with pytest.raises(SystemExit, match="no per-record outcomes"):
+        bench_paired.compare([old], [b])
+    assert bench_paired.main(["--a", str(a), "--b", str(b), "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "paired.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "p" / "paired.json").read_text())["records"] == 40
 
 
 class FailingEditor(RankOneEditor):

@@ -189,9 +189,22 @@ def edit_metrics(
     """Efficacy, generalization, specificity: fractions of records in [0, 1]."""
     if not records:
         raise ValueError("records: at least one is required")
-    scores = edit_scores(model, tokenizer, records, batch_size=batch_size)
+    return summarise_scores(edit_scores(model, tokenizer, records, batch_size=batch_size))
+
+
+def summarise_scores(scores: Sequence[RecordScores]) -> dict[str, float]:
+    """The fraction of records each metric holds for, and their number."""
     out = {m: sum(getattr(s, m) for s in scores) / len(scores) for m in EDIT_METRICS}
     out["n"] = len(scores)
+    return out
+
+
+def record_outcomes(scores: Sequence[RecordScores]) -> dict[str, list]:
+    """Per record, whether each metric holds (1/0), with the case ids: what a paired comparison
+    of two runs on the same records needs."""
+    out: dict[str, list] = {"case_id": [s.case_id for s in scores]}
+    for m in EDIT_METRICS:
+        out[m] = [int(getattr(s, m)) for s in scores]
     return out
 
 
