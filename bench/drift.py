@@ -18,6 +18,9 @@ text (``--text heldout``: the entity-rich second text):
   of the final model, so one sees whether a few edits or all of them carry the drift; and
   each edit's cost when it was made (perplexity right after it minus right before), with the
   correlation of the two: can a check at edit time tell the costly edits?
+- with ``--fluency-blocks K``, fluency (bench.editing's 100 prompts, read the same way) on the
+  unedited model, with every edit, and with each run of K consecutive edits taken back out:
+  does a group of edits carry the fluency loss, or all of them a little?
 Writes ``drift.json`` and ``drift.png`` (perplexity increase per layer alone, and all together).
 """
 
@@ -34,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from bench.cli import COUNTERFACT, add_overrides, add_threads, read_overrides, use_threads
+from bench.editing import Evaluator
 from bench.plots import pyplot, save_figure
 from workers.editing.datasets import load_records
 from workers.editing.delta import MatrixDelta
@@ -124,13 +128,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--scales", default="", help="comma-separated factors for the whole change, e.g. 0.5,0.75"
     )
     p.add_argument("--per-edit", action="store_true", help="take each edit back out alone")
+    p.add_argument(
+        "--fluency-blocks",
+        type=int,
+        default=0,
+        metavar="K",
+        help="fluency with each run of K consecutive edits taken back out (0: off)",
+    )
+    p.add_argument("--fluency-prompts", type=int, help="use only the first N prompts (smoke runs)")
+    p.add_argument("--fluency-tokens", type=int, default=100, help="greedy tokens per prompt")
+    p.add_argument(
+        "--reject-unsuccessful",
+        action="store_true",
+        help="leave out edits whose target did not become top-1 everywhere, as the service does",
+    )
     add_threads(p)
     add_overrides(p)
     p.add_argument("--out", type=Path, default=Path("results/drift"))
     args = p.parse_args(argv)
     read_overrides(p, args)
-    if args.n < 1 or args.offset < 0:
-        p.error("--n must be positive and --offset not negative")
+    if args.n < 1 or args.offset < 0 or args.fluency_blocks < 0:
+        p.error("--n must be positive, --offset and --fluency-blocks not negative")
     try:
         scales = [float(x) for x in args.scales.split(",") if x.strip()]
     except ValueError:
@@ -150,16 +168,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return token_nll(model, tokenizer, text, max_tokens=args.ppl_tokens)
 
     before = nll()
+    reader = Evaluator.for_fluency(
+        model, tokenizer, tokens=args.fluency_tokens, prompts=args.fluency_prompts
+    )
+
+    def fluency() -> float:
+        return statistics.fmean(reader.entropies(full=True))
+
+    fluency_before = fluency() if args.fluency_blocks else None
     changes: dict[int, list[MatrixDelta]] = defaultdict(list)
     per_edit: list[list[tuple[int, MatrixDelta]]] = []
     successes = 0
     along: list[float] = []  # perplexity right after each edit (--per-edit)
     for record in tqdm(records, unit="edit", desc="drift edits"):
-        result = editor.apply([record.request])
+        result = editor.apply([record.request], require_success=args.reject_unsuccessful)
         successes += result.success
         if args.per_edit:
             along.append(ppl_of(nll()))
-        per_edit.append([(int(d.name.split(".")[2]), d) for d in result.deltas])
+        kept = result.deltas if result.applied else []
+        per_edit.append([(int(d.name.split(".")[2]), d) for d in kept])
         for layer, delta in per_edit[-1]:
             changes[layer].append(delta)
     after = nll()
@@ -170,12 +197,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weights = {layer: editor.modules[layer].weight for layer in layers}
     edited = {layer: w.detach().clone() for layer, w in weights.items()}
 
-    def ppl_with(replaced: dict[int, torch.Tensor]) -> float:
-        """Perplexity with these layers' weights replaced and the others as edited."""
+    def use(replaced: dict[int, torch.Tensor]) -> None:
+        """These layers' weights replaced, the others as edited."""
         with torch.no_grad():
             for layer in layers:
                 weights[layer].copy_(replaced.get(layer, edited[layer]))
+
+    def ppl_with(replaced: dict[int, torch.Tensor]) -> float:
+        use(replaced)
         return ppl_of(nll())
+
+    def taken_back(edits: range) -> dict[int, torch.Tensor]:
+        out = {layer: w.clone() for layer, w in edited.items()}
+        for i in edits:
+            for layer, d in per_edit[i]:
+                out[layer] -= d.to_dense().to(out[layer])
+        return out
 
     try:
         for layer in layers:
@@ -195,9 +232,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 {layer: base + factor * (edited[layer] - base) for layer, base in bases.items()}
             )
         without = [
-            ppl_with({layer: edited[layer] - d.to_dense().to(edited[layer]) for layer, d in deltas})
-            for deltas in tqdm(per_edit if args.per_edit else [], unit="edit", desc="take back")
+            ppl_with(taken_back(range(i, i + 1)))
+            for i in tqdm(
+                range(len(per_edit)) if args.per_edit else [], unit="edit", desc="take back"
+            )
         ]
+        fluency_summary: dict[str, Any] = {}
+        if args.fluency_blocks:
+            use({})
+            fluency_summary = {"unedited": fluency_before, "edited": fluency(), "without": []}
+            size = args.fluency_blocks
+            for start in tqdm(range(0, len(per_edit), size), unit="block", desc="fluency"):
+                block = range(start, min(start + size, len(per_edit)))
+                use(taken_back(block))
+                fluency_summary["without"].append(
+                    {"edits": [block.start, block.stop - 1], "fluency": fluency()}
+                )
     finally:
         with torch.no_grad():
             for layer, w in weights.items():
@@ -220,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layers": per_layer,
         "perplexity_scaled": scaled,
         "per_edit": per_edit_shares(without, along, ppl_of(before), ppl_of(after)),
+        "fluency": fluency_summary,
+        "rejected": sum(not deltas for deltas in per_edit),
         "tokens": {
             "scored": int(increase.numel()),
             "share_more_likely": float((increase < 0).double().mean()),

@@ -133,6 +133,25 @@ class Evaluator:
         self.n_cheap = max(1, min(checkpoint_prompts, len(self.prompts)))
         self.ppl_tokens = ppl_tokens
 
+    @classmethod
+    def for_fluency(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        tokens: int,
+        prompts: int | None,
+    ) -> Evaluator:
+        """Fluency alone, the texts generated in the groups a run's final evaluation uses
+        (padding can shift greedy choices), so other tools' figures match bench.editing's."""
+        return cls(
+            model,
+            tokenizer,
+            fluency_tokens=tokens,
+            checkpoint_prompts=CHECKPOINT_PROMPTS,
+            n_prompts=prompts,
+        )
+
     def entropies(self, full: bool) -> list[float]:
         # The cheap subset is always generated as one batch of its own, and the rest of the first
         # FIRST_PROMPTS as another, so their texts are the same whether or not more follow

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from bench.cli import add_threads, use_threads
-from bench.editing import CHECKPOINT_PROMPTS, FIRST_PROMPTS, Evaluator
+from bench.editing import FIRST_PROMPTS, Evaluator
 from bench.plots import pyplot, save_figure
 from workers.editing import arch
 from workers.editing.evaluate import perplexity
@@ -73,15 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
-    # bench.editing's evaluator, so the texts are generated in the groups a run's final
-    # evaluation uses (padding can shift greedy choices)
-    evaluator = Evaluator(
-        model,
-        tok,
-        fluency_tokens=args.tokens,
-        checkpoint_prompts=CHECKPOINT_PROMPTS,
-        n_prompts=args.prompts,
-    )
+    evaluator = Evaluator.for_fluency(model, tok, tokens=args.tokens, prompts=args.prompts)
     prompts = evaluator.prompts
     layers = LokiConfig().resolve_layers(arch.num_layers(model))
     weights = [arch.down_proj(model, layer).weight for layer in layers]

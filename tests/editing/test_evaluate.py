@@ -604,8 +604,16 @@ def test_layer_cost_cli_measures_a_complete_edit_per_layer(tmp_path: Path) -> No
 def test_drift_cli_splits_the_drift_by_layer(tmp_path: Path) -> None:
     from bench import drift
 
-    flags = ["--n", "2", "--ppl-tokens", "128", "--scales", "0,1", "--per-edit"]
+    flags = ["--n", "2", "--ppl-tokens", "128", "--scales", "0,1", "--per-edit",
+             "--fluency-blocks", "2", "--fluency-prompts", "12",
+             "--fluency-tokens", "6"]  # fmt: skip
     summary = drift.main([*flags, "--out", str(tmp_path)])
+    # fluency with every edit, and with the one block of both taken back: the unedited figure
+    flu = summary["fluency"]
+    assert [b["edits"] for b in flu["without"]] == [[0, 1]]
+    assert flu["edited"] != flu["unedited"]
+    assert flu["without"][0]["fluency"] == pytest.approx(flu["unedited"], abs=1e-6)
+    assert summary["rejected"] == 0
     layers = summary["layers"]
     assert sum(row["edits"] for row in layers.values()) == 2 * 3  # top 3 layers per edit
     ppl = summary["perplexity"]
