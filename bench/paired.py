@@ -100,7 +100,7 @@ def compare(a_paths: Sequence[Path], b_paths: Sequence[Path]) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     a, b = result["a"]["method"], result["b"]["method"]
     lines = [
-        f"| metric | {a} | {b} | {a} − {b} | 95% interval | records only {a} / only {b} |",
+        f"| metric | {a} | {b} | {a} − {b} | 95% interval | records {a} ahead / {b} ahead |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in result["metrics"].items():
