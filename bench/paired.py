@@ -71,20 +71,18 @@ def compare(a_paths: Sequence[Path], b_paths: Sequence[Path]) -> dict[str, Any]:
         raise SystemExit("the two sides share no records")
     xa = np.array([a[k] for k in common], dtype=float)
     xb = np.array([b[k] for k in common], dtype=float)
-    columns = {m: j for j, m in enumerate(EDIT_METRICS)}
+    sides = {m: (xa[:, j], xb[:, j]) for j, m in enumerate(EDIT_METRICS)}
+    sides[MEAN] = (xa.mean(axis=1), xb.mean(axis=1))
     rows = {}
-    for name in (*EDIT_METRICS, MEAN):
-        if name == MEAN:
-            pa, pb = xa.mean(axis=1), xb.mean(axis=1)
-        else:
-            pa, pb = xa[:, columns[name]], xb[:, columns[name]]
+    for name, (pa, pb) in sides.items():
         lo, hi = paired_bootstrap(pa, pb, lambda u, v: u.mean(axis=-1) - v.mean(axis=-1))
         rows[name] = {
             "a": float(pa.mean()),
             "b": float(pb.mean()),
             "difference": float(pa.mean() - pb.mean()),
             "interval": [lo, hi],
-            # records where exactly one side holds: what the difference is made of
+            # records where one side is ahead (for the mean: holds more of the three), what
+            # the difference is made of
             "only_a": int((pa > pb).sum()),
             "only_b": int((pb > pa).sum()),
         }
