@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoints": [],
     }
     seconds: list[float] = []
-    successes = failures = rejected = 0
+    successes = failures = rejected = retried = 0
     per_edit = (args.out / "per_edit.jsonl").open("w", encoding="utf-8")
     bar = tqdm(total=len(records), desc=f"{args.method} edits", unit="edit")
     try:
@@ -364,6 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 seconds.append(result.seconds)
                 successes += bool(result.success)
                 rejected += not result.applied
+                retried += result.attempts > 1
                 row |= result.summary()
             per_edit.write(json.dumps(row) + "\n")
             per_edit.flush()
@@ -385,6 +386,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 summary["edit_success_rate"] = successes / i
                 summary["n_failed"] = failures
                 summary["n_rejected"] = rejected
+                summary["n_retried"] = retried
                 summary["seconds_per_edit"] = timing_stats(seconds)
                 _write_json(args.out / "summary.json", summary)
                 bar.write(

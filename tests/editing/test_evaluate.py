@@ -477,6 +477,7 @@ class EvenOnlyEditor(RankOneEditor):
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         result = super().compute(requests)
         result.success = self.calls % 2 == 0
+        result.attempts = 1 if result.success else 2  # as LOKI's retry reports a second try
         self.calls += 1
         return result
 
@@ -498,6 +499,7 @@ def test_bench_cli_rejects_unsuccessful_edits_like_the_service(
         assert bench_editing.main(argv) == 0
     kept, left_out = (json.loads((outs[k] / "summary.json").read_text()) for k in (False, True))
     assert kept["n_rejected"] == 0 and left_out["n_rejected"] == 1
+    assert kept["n_retried"] == left_out["n_retried"] == 1
     assert left_out["reject_unsuccessful"] is True and left_out["edit_success_rate"] == 0.5
     rows = [json.loads(x) for x in (outs[True] / "per_edit.jsonl").read_text().splitlines()]
     assert [r["applied"] for r in rows] == [True, False]

@@ -200,6 +200,9 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(trim_min_prob=0.5, trim_steps=0), "trim_steps"),
         (LokiConfig(trim_min_margin=-1.0), "trim_min_margin"),
         (LokiConfig(trim_min_margin=float("nan")), "trim_min_margin"),
+        (LokiConfig(retry_refine_steps=-1), "retry_refine_steps"),
+        (LokiConfig(retry_refine_lr=0.0), "retry_refine_lr"),
+        (LokiConfig(retry_clamp_norm_factor=float("nan")), "retry_clamp_norm_factor"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from workers.editing.loki import LokiConfig, LokiEditor
 from workers.editing.model import LoadedModel
 from workers.editing.requests import EditRequest
+from workers.editing.result import EditResult
 from workers.editing.scoring import greedy_continuation
 
 EDIT = EditRequest(
@@ -115,6 +117,46 @@ def test_failed_edit_leaves_weights_unchanged(
         editor.apply([EDIT])
     params = dict(loaded_model.model.named_parameters())
     assert all(torch.allclose(params[n], v, atol=1e-6) for n, v in before.items())
+
+
+def test_retry_takes_an_edit_the_first_attempt_left_unfinished(
+    loaded_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a first attempt too weak to finish (a tiny v*, no MPES), and a retry with the usual room
+    cfg = LokiConfig(
+        retry=False,
+        refine_steps=0,
+        target=dataclasses.replace(LokiConfig().target, clamp_norm_factor=0.01),
+        retry_clamp_norm_factor=0.5,
+        retry_refine_steps=10,
+    )
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    single = LokiEditor(model, tok, cfg).compute([EDIT])
+    assert not single.success and single.attempts == 1
+
+    editor = LokiEditor(model, tok, dataclasses.replace(cfg, retry=True))
+    seen: list[LokiConfig] = []
+    attempt = editor._attempt
+
+    def spy(requests: list[EditRequest], config: LokiConfig) -> EditResult:
+        seen.append(config)
+        return attempt(requests, config)
+
+    monkeypatch.setattr(editor, "_attempt", spy)
+    retried = editor.compute([EDIT])
+    assert retried.success and retried.attempts == 2
+    assert [c.target.clamp_norm_factor for c in seen] == [0.01, 0.5]
+    assert seen[1].refine_steps == 10 and seen[1].target.nll_stop == 0 and not seen[1].retry
+    assert retried.steps > single.steps  # both attempts' steps are counted
+
+    # when neither takes, the first (smaller) change is the one reported
+    weak = dataclasses.replace(cfg, retry=True, retry_clamp_norm_factor=0.01, retry_refine_steps=0)
+    neither = LokiEditor(model, tok, weak).compute([EDIT])
+    assert not neither.success and neither.attempts == 2
+    assert neither.delta_norm == pytest.approx(single.delta_norm, rel=1e-5)
+
+    # an edit that takes at once is not tried again (the default retries)
+    assert LokiEditor(model, tok).compute([EDIT]).attempts == 1
 
 
 def test_layer_choice_accepts_a_rephrasing_without_the_subject(editor: LokiEditor) -> None:

@@ -32,6 +32,7 @@ class EditResult:
     # False when Editor.apply(require_success=True) left the weights alone because success was
     # False; relative_change is then what the change would have made of them
     applied: bool = True
+    attempts: int = 1  # LOKI's retry: 2 when the first attempt did not take
 
     @property
     def selected_layers(self) -> list[int]:
@@ -54,4 +55,5 @@ class EditResult:
             "loss": self.loss,
             "trim_scale": self.trim_scale,
             "applied": self.applied,
+            "attempts": self.attempts,
         }
