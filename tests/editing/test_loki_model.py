@@ -129,34 +129,50 @@ def test_retry_takes_an_edit_the_first_attempt_left_unfinished(
         target=dataclasses.replace(LokiConfig().target, clamp_norm_factor=0.01),
         retry_clamp_norm_factor=0.5,
         retry_refine_steps=10,
+        retry_refine_lr=0.07,
     )
     model, tok = loaded_model.model, loaded_model.tokenizer
-    single = LokiEditor(model, tok, cfg).compute([EDIT])
-    assert not single.success and single.attempts == 1
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "down_proj" in n}
+    assert not LokiEditor(model, tok, cfg).compute([EDIT]).success
 
-    editor = LokiEditor(model, tok, dataclasses.replace(cfg, retry=True))
-    seen: list[LokiConfig] = []
-    attempt = editor._attempt
+    Seen = list[tuple[LokiConfig, EditResult, int]]  # settings, result, its own steps
 
-    def spy(requests: list[EditRequest], config: LokiConfig) -> EditResult:
-        seen.append(config)
-        return attempt(requests, config)
+    def spied(config: LokiConfig) -> tuple[LokiEditor, Seen]:
+        editor = LokiEditor(model, tok, config)
+        seen: Seen = []
+        attempt = editor._attempt
 
-    monkeypatch.setattr(editor, "_attempt", spy)
+        def spy(requests: list[EditRequest], settings: LokiConfig) -> EditResult:
+            result = attempt(requests, settings)
+            seen.append((settings, result, result.steps))
+            return result
+
+        monkeypatch.setattr(editor, "_attempt", spy)
+        return editor, seen
+
+    editor, seen = spied(dataclasses.replace(cfg, retry=True))
     retried = editor.compute([EDIT])
+    (first_cfg, first, first_steps), (second_cfg, second, second_steps) = seen
+    assert not first.success and retried is second
     assert retried.success and retried.attempts == 2
-    assert [c.target.clamp_norm_factor for c in seen] == [0.01, 0.5]
-    assert seen[1].refine_steps == 10 and seen[1].target.nll_stop == 0 and not seen[1].retry
-    assert retried.steps > single.steps  # both attempts' steps are counted
+    assert retried.steps == first_steps + second_steps  # both attempts' steps are counted
+    assert first_cfg.target.clamp_norm_factor == 0.01 and second_cfg.target.clamp_norm_factor == 0.5
+    assert second_cfg.refine_steps == 10 and second_cfg.refine_lr == 0.07
+    assert second_cfg.target.nll_stop == 0 and not second_cfg.retry
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in before.items())  # compute never writes
 
-    # when neither takes, the first (smaller) change is the one reported
-    weak = dataclasses.replace(cfg, retry=True, retry_clamp_norm_factor=0.01, retry_refine_steps=0)
-    neither = LokiEditor(model, tok, weak).compute([EDIT])
-    assert not neither.success and neither.attempts == 2
-    assert neither.delta_norm == pytest.approx(single.delta_norm, rel=1e-5)
+    # when neither takes, the first attempt's change (the tuned settings') is the one reported
+    weak = dataclasses.replace(cfg, retry=True, retry_clamp_norm_factor=0.03, retry_refine_steps=0)
+    editor, seen = spied(weak)
+    neither = editor.compute([EDIT])
+    (_, first, _), (_, second, _) = seen
+    assert neither is first and not neither.success and neither.attempts == 2
+    assert neither.delta_norm != pytest.approx(second.delta_norm, rel=1e-3)
 
     # an edit that takes at once is not tried again (the default retries)
-    assert LokiEditor(model, tok).compute([EDIT]).attempts == 1
+    editor, seen = spied(LokiConfig())
+    assert editor.compute([EDIT]).attempts == 1 and len(seen) == 1
 
 
 def test_layer_choice_accepts_a_rephrasing_without_the_subject(editor: LokiEditor) -> None:

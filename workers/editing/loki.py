@@ -233,8 +233,10 @@ class LokiConfig:
             raise ValueError(f"self_text_energy: must be in [0, 1), got {self.self_text_energy}")
         check_positive("self_text_weight", self.self_text_weight, allow_zero=True)
         check_count("self_text_tokens", self.self_text_tokens, minimum=len(OPENINGS))
-        if self.refine_steps < 0 or self.extra_steps < 0 or self.retry_refine_steps < 0:
-            raise ValueError("refine_steps, extra_steps, retry_refine_steps: must not be negative")
+        if self.refine_steps < 0 or self.extra_steps < 0:
+            raise ValueError("refine_steps, extra_steps: must not be negative")
+        if self.retry_refine_steps < 0:
+            raise ValueError(f"retry_refine_steps: must be ≥ 0, got {self.retry_refine_steps}")
         check_positive("retry_refine_lr", self.retry_refine_lr)
         check_positive("retry_clamp_norm_factor", self.retry_clamp_norm_factor)
         if not 0 <= self.trim_min_prob < 1:
@@ -436,7 +438,8 @@ class LokiEditor(Editor):
         if first.success or not self.config.retry:
             return first
         second = self._attempt(requests, self.config.escalated())
-        # if neither took, the smaller change is the one a caller that applies it anyway gets
+        # if neither took, a caller that applies it anyway gets the change made with the tuned
+        # settings, not the one made with the larger v*
         result = second if second.success else first
         result.steps = first.steps + second.steps
         result.attempts = 2
@@ -479,7 +482,7 @@ class LokiEditor(Editor):
             self.model, self.tokenizer, requests, contexts, chosen, values.z, solve
         )
         for layer, delta in deltas.items():
-            self._bound(layer, delta, drift[layer])
+            self._bound(layer, delta, drift[layer], cfg)
         steps, hits, loss, kept = self._refine(requests, contexts, deltas, drift, cfg)
 
         delta_norm, rel_change = {}, {}
@@ -567,22 +570,23 @@ class LokiEditor(Editor):
                     steps += 1
                     with torch.no_grad():
                         for layer, delta in deltas.items():
-                            self._bound(layer, delta, drift[layer])
+                            self._bound(layer, delta, drift[layer], cfg)
             if all(hits) and cfg.trims:
                 with torch.no_grad():
-                    kept = self._trim(requests, deltas)
+                    kept = self._trim(requests, deltas, cfg)
         finally:
             for delta in deltas.values():
                 delta.a = delta.a.detach().cpu()  # type: ignore[union-attr]
                 delta.b = delta.b.cpu()  # type: ignore[union-attr]
         return steps, hits, loss_value, kept
 
-    def _trim(self, requests: Sequence[EditRequest], deltas: dict[int, MatrixDelta]) -> float:
+    def _trim(
+        self, requests: Sequence[EditRequest], deltas: dict[int, MatrixDelta], cfg: LokiConfig
+    ) -> float:
         """Scale every change's output factor by the smallest s in (0, 1] (to 2^-trim_steps)
         at which each request keeps its target top-1, with mean token probability ≥
         ``trim_min_prob`` and a lead ≥ ``trim_min_margin`` over the old answer, in every trim
         context; returns s (1.0 where even the full change misses the margin)."""
-        cfg = self.config
         contexts = self.contexts(max(cfg.trim_contexts, cfg.target.n_contexts))
         prompts = contextual_prompts(requests, contexts)
         probe = TargetProbe(
@@ -636,7 +640,7 @@ class LokiEditor(Editor):
         )
 
     @torch.no_grad()
-    def _bound(self, layer: int, delta: MatrixDelta, drift: torch.Tensor) -> None:
+    def _bound(self, layer: int, delta: MatrixDelta, drift: torch.Tensor, cfg: LokiConfig) -> None:
         """Scale the change so ‖ΔW‖ ≤ edit_norm·‖W₀‖ and ‖drift + ΔW‖ ≤ max_relative_change·‖W₀‖.
 
         Only the output factor is scaled: the input directions stay in the null space."""
@@ -646,10 +650,10 @@ class LokiEditor(Editor):
         a2 = float(change.pow(2).sum())
         if a2 == 0.0:
             return
-        t = min(1.0, self.config.edit_norm * w0 / math.sqrt(a2))
+        t = min(1.0, cfg.edit_norm * w0 / math.sqrt(a2))
         # ‖C + tΔ‖² = ‖C‖² + 2t⟨C,Δ⟩ + t²‖Δ‖² ≤ R²: largest t allowed
         b = 2 * float((drift * change).sum())
-        c = float(drift.pow(2).sum()) - (self.config.max_relative_change * w0) ** 2
+        c = float(drift.pow(2).sum()) - (cfg.max_relative_change * w0) ** 2
         if a2 * t * t + b * t + c > 0:
             t = max(0.0, (-b + math.sqrt(max(b * b - 4 * a2 * c, 0.0))) / (2 * a2))
         if t < 1.0:
