@@ -135,27 +135,37 @@ def test_retry_takes_an_edit_the_first_attempt_left_unfinished(
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "down_proj" in n}
     assert not LokiEditor(model, tok, cfg).compute([EDIT]).success
 
-    Seen = list[tuple[LokiConfig, EditResult, int]]  # settings, result, its own steps
+    # per attempt: settings, result, its own steps, and the layer choice it was handed
+    Seen = list[tuple[LokiConfig, EditResult, int, object]]
 
-    def spied(config: LokiConfig) -> tuple[LokiEditor, Seen]:
+    def spied(config: LokiConfig) -> tuple[LokiEditor, Seen, list[int]]:
         editor = LokiEditor(model, tok, config)
         seen: Seen = []
-        attempt = editor._attempt
+        selects: list[int] = []
+        attempt, select = editor._attempt, editor._select_layers
 
-        def spy(requests: list[EditRequest], settings: LokiConfig) -> EditResult:
-            result = attempt(requests, settings)
-            seen.append((settings, result, result.steps))
+        def spy(requests: list[EditRequest], settings: LokiConfig, shared: object) -> EditResult:
+            result = attempt(requests, settings, shared)  # type: ignore[arg-type]
+            seen.append((settings, result, result.steps, shared))
             return result
 
-        monkeypatch.setattr(editor, "_attempt", spy)
-        return editor, seen
+        def counted(*args: object) -> object:
+            selects.append(1)
+            return select(*args)  # type: ignore[arg-type]
 
-    editor, seen = spied(dataclasses.replace(cfg, retry=True))
+        monkeypatch.setattr(editor, "_attempt", spy)
+        monkeypatch.setattr(editor, "_select_layers", counted)
+        return editor, seen, selects
+
+    editor, seen, selects = spied(dataclasses.replace(cfg, retry=True))
     retried = editor.compute([EDIT])
-    (first_cfg, first, first_steps), (second_cfg, second, second_steps) = seen
+    (first_cfg, first, first_steps, chose), (second_cfg, second, second_steps, chose_again) = seen
     assert not first.success and retried is second
     assert retried.success and retried.attempts == 2
     assert retried.steps == first_steps + second_steps  # both attempts' steps are counted
+    # the layer choice (a forward pass and the HSIC scores) is made once for both attempts
+    assert len(selects) == 1 and chose is chose_again
+    assert [s.selected for s in first.layers] == [s.selected for s in second.layers]
     assert first_cfg.target.clamp_norm_factor == 0.01 and second_cfg.target.clamp_norm_factor == 0.5
     assert second_cfg.refine_steps == 10 and second_cfg.refine_lr == 0.07
     assert second_cfg.target.nll_stop == 0 and not second_cfg.retry
@@ -164,15 +174,15 @@ def test_retry_takes_an_edit_the_first_attempt_left_unfinished(
 
     # when neither takes, the first attempt's change (the tuned settings') is the one reported
     weak = dataclasses.replace(cfg, retry=True, retry_clamp_norm_factor=0.03, retry_refine_steps=0)
-    editor, seen = spied(weak)
+    editor, seen, _ = spied(weak)
     neither = editor.compute([EDIT])
-    (_, first, _), (_, second, _) = seen
+    (_, first, _, _), (_, second, _, _) = seen
     assert neither is first and not neither.success and neither.attempts == 2
     assert neither.delta_norm != pytest.approx(second.delta_norm, rel=1e-3)
 
     # an edit that takes at once is not tried again (the default retries)
-    editor, seen = spied(LokiConfig())
-    assert editor.compute([EDIT]).attempts == 1 and len(seen) == 1
+    editor, seen, selects = spied(LokiConfig())
+    assert editor.compute([EDIT]).attempts == 1 and len(seen) == 1 and len(selects) == 1
 
 
 def test_layer_choice_accepts_a_rephrasing_without_the_subject(editor: LokiEditor) -> None:

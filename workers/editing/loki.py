@@ -270,6 +270,18 @@ class LokiConfig:
         return tuple(sorted(set(reserve)))
 
 
+@dataclass
+class _Selection:
+    """What both attempts at an edit share: the contexts, every candidate's HSIC score, the
+    chosen layers with their context-token keys, and each chosen layer's drift W − W₀."""
+
+    contexts: list[str]
+    scores: dict[int, float]
+    chosen: list[int]
+    context_keys: dict[int, torch.Tensor]
+    drift: dict[int, torch.Tensor]
+
+
 class LokiEditor(Editor):
     method = "loki"
 
@@ -436,10 +448,16 @@ class LokiEditor(Editor):
         return scores, chosen, context_keys
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
-        first = self._attempt(requests, self.config)
+        # what the retry's settings do not change is worked out once for both attempts
+        contexts = self.contexts()
+        scores, chosen, context_keys = self._select_layers(requests, contexts)
+        selection = _Selection(
+            contexts, scores, chosen, context_keys, {layer: self.drift(layer) for layer in chosen}
+        )
+        first = self._attempt(requests, self.config, selection)
         if first.success or not self.config.retry:
             return first
-        second = self._attempt(requests, self.config.escalated())
+        second = self._attempt(requests, self.config.escalated(), selection)
         # if neither took, a caller that applies it anyway gets the change made with the tuned
         # settings, not the one made with the larger v*
         result = second if second.success else first
@@ -447,11 +465,12 @@ class LokiEditor(Editor):
         result.attempts = 2
         return result
 
-    def _attempt(self, requests: Sequence[EditRequest], cfg: LokiConfig) -> EditResult:
+    def _attempt(
+        self, requests: Sequence[EditRequest], cfg: LokiConfig, selection: _Selection
+    ) -> EditResult:
         torch.manual_seed(cfg.seed)
-        contexts = self.contexts()
-        scores, chosen, context_keys = self._select_layers(requests, contexts)
-        drift = {layer: self.drift(layer) for layer in chosen}
+        contexts, scores, chosen = selection.contexts, selection.scores, selection.chosen
+        context_keys, drift = selection.context_keys, selection.drift
         values = optimise_target_values(
             self.model,
             self.tokenizer,
