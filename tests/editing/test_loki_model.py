@@ -342,3 +342,24 @@ def test_the_old_answer_is_the_truth_where_it_differs_else_what_the_model_said(
     assert leads is not None and leads[0] == pytest.approx(expected, abs=1e-3)
     # one answer containing the other: nothing to compare
     assert rivals(replace(EDIT, target_new="Paris Hilton", ground_truth="Paris"))[1] == [-1, -1]
+
+
+def test_the_probe_reads_each_target_tokens_lead_over_the_best_other_token(
+    loaded_model: LoadedModel,
+) -> None:
+    from workers.editing.batch import encode
+    from workers.editing.targets import TargetProbe
+
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    prompt = EDIT.text  # the model answers Paris here before any edit
+    got = TargetProbe(model, tok, [prompt, prompt], [" Paris", " Rome"]).read()
+    ids = torch.tensor([encode(tok, prompt)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1].float()
+    paris, rome = encode(tok, " Paris")[0], encode(tok, " Rome")[0]
+    best_other = logits.clone()
+    best_other[paris] = -float("inf")
+    assert got.top_gaps is not None and got.hits == [True, False]
+    assert got.top_gaps[0] == pytest.approx(float(logits[paris] - best_other.max()), abs=1e-3)
+    assert got.top_gaps[1] == pytest.approx(float(logits[rome] - logits.max()), abs=1e-3)
+    assert got.top_gaps[0] > 0 > got.top_gaps[1]

@@ -41,6 +41,16 @@ class TargetIndex:
         top1 = picked.argmax(dim=-1) == self.ids
         return token_lp, top1
 
+    def top_gaps(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per row, the smallest lead of a target token's logit over the best other token's
+        there (> 0 exactly where every target token is the argmax)."""
+        picked = logits[self.rows, self.columns].float()
+        own = picked.gather(1, self.ids[:, None]).squeeze(1)
+        rival = picked.scatter(1, self.ids[:, None], -math.inf).amax(dim=-1)
+        gap = own - rival
+        worst = torch.full((self.n_rows,), math.inf, device=gap.device)
+        return worst.scatter_reduce(0, self.rows, gap, reduce="amin")
+
     def row_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Per-row mean over that row's target tokens (rows without targets get 0)."""
         sums = values.new_zeros(self.n_rows).index_add(0, self.rows, values)
@@ -57,13 +67,15 @@ class TargetIndex:
 @dataclass
 class TargetReadout:
     """Per prompt: every target token the argmax (teacher-forced), P(target) per token, the
-    model's top token at the first target position, and (when rivals are given) how far the
-    target's mean token log-probability leads its rival token's log-probability."""
+    model's top token at the first target position, (when rivals are given) how far the
+    target's mean token log-probability leads its rival token's log-probability, and the
+    smallest logit lead of a target token over any other token."""
 
     hits: list[bool]
     probs: list[float]
     said: list[int]
     leads: list[float] | None = None
+    top_gaps: list[float] | None = None
 
 
 @dataclass
@@ -98,7 +110,10 @@ class TargetProbe:
         mean_lp = self.index.row_mean(token_lp)
         said = logits[self.rows, self.index.column_of(self.first)].argmax(dim=-1)
         out = TargetReadout(
-            self.index.row_all(top1).tolist(), mean_lp.exp().tolist(), said.tolist()
+            self.index.row_all(top1).tolist(),
+            mean_lp.exp().tolist(),
+            said.tolist(),
+            top_gaps=self.index.top_gaps(logits).tolist(),
         )
         if rivals is not None:
             column = self.index.column_of(self.first + rivals.offsets.clamp_min(0))
