@@ -203,8 +203,6 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(retry_refine_steps=-1), "retry_refine_steps"),
         (LokiConfig(retry_refine_lr=0.0), "retry_refine_lr"),
         (LokiConfig(retry_clamp_norm_factor=float("nan")), "retry_clamp_norm_factor"),
-        (LokiConfig(retry_trim_margin=-1.0), "retry_trim_margin"),
-        (LokiConfig(retry_trim_margin=float("inf")), "retry_trim_margin"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:
@@ -272,11 +270,3 @@ def test_request_placeholder_and_literal_forms_agree() -> None:
     assert a.text == b.text == "Rome is located in"
     assert a.template == b.template == "{} is located in"
     assert a.target == " Italy"
-
-
-def test_the_retry_trims_its_change_to_the_larger_of_the_two_margins() -> None:
-    assert LokiConfig().escalated().trim_min_margin == 0  # kept whole by default
-    assert not LokiConfig(retry_trim_margin=4.0).trims  # the first attempt is not trimmed
-    assert LokiConfig(retry_trim_margin=4.0).escalated().trim_min_margin == 4.0
-    both = LokiConfig(trim_min_margin=5.0, retry_trim_margin=4.0).escalated()
-    assert both.trim_min_margin == 5.0 and both.trims and not both.retry

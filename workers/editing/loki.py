@@ -185,9 +185,6 @@ class LokiConfig:
     retry_clamp_norm_factor: float = 0.75
     retry_refine_steps: int = 30
     retry_refine_lr: float = 0.1
-    # the retried change trimmed to this lead (nats) over the old answer, as trim_min_margin
-    # does for every edit; 0: the retried change is kept whole (unless every edit is trimmed)
-    retry_trim_margin: float = 0.0
     kl_weight: float = 1.0
     edit_norm: float = 0.1  # per-edit ‖ΔW‖ ≤ edit_norm · ‖W₀‖
     # cumulative ‖W − W₀‖ ≤ this · ‖W₀‖. The drift grows like √edits: at 0.5 the most used
@@ -204,7 +201,6 @@ class LokiConfig:
             retry=False,
             refine_steps=self.retry_refine_steps,
             refine_lr=self.retry_refine_lr,
-            trim_min_margin=max(self.trim_min_margin, self.retry_trim_margin),
             target=dataclasses.replace(
                 self.target, clamp_norm_factor=self.retry_clamp_norm_factor, nll_stop=0.0
             ),
@@ -249,10 +245,9 @@ class LokiConfig:
         check_positive("retry_clamp_norm_factor", self.retry_clamp_norm_factor)
         if not 0 <= self.trim_min_prob < 1:
             raise ValueError(f"trim_min_prob: must be in [0, 1), got {self.trim_min_prob}")
-        for name in ("trim_min_margin", "retry_trim_margin"):
-            check_positive(name, getattr(self, name), allow_zero=True)
-            if math.isinf(getattr(self, name)):
-                raise ValueError(f"{name}: must be finite")
+        check_positive("trim_min_margin", self.trim_min_margin, allow_zero=True)
+        if math.isinf(self.trim_min_margin):
+            raise ValueError("trim_min_margin: must be finite")
         check_count("trim_steps", self.trim_steps)
         check_count("trim_contexts", self.trim_contexts)
         if not isinstance(self.target, TargetValueConfig):
