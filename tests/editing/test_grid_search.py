@@ -45,13 +45,13 @@ def test_answer_is_bisections_on_monotone_tests(seed: int) -> None:
             return min(a + b * s + c * s * s for a, b, c in rows) - 4
 
         # passing is monotone in k even where the slack is not (a top-1 miss also fails)
-        first = next(
+        lowest = next(
             (k for k in range(1, n + 1) if min(slack(j) for j in range(k, n + 1)) >= 0), None
         )
-        table = {k: (first is not None and k >= first, slack(k)) for k in range(1, n + 1)}
+        table = {k: (lowest is not None and k >= lowest, slack(k)) for k in range(1, n + 1)}
         asked, test = counted(table)
-        first = rng.choice([0.25, 0.5, 0.875])
-        answer, made = smallest_passing(n, test, first)  # type: ignore[arg-type]
+        start = rng.choice([0.25, 0.5, 0.875])
+        answer, made = smallest_passing(n, test, start)  # type: ignore[arg-type]
         assert answer == bisection(n, {k: v[0] for k, v in table.items()})[0]
         assert made == len(asked) and len(set(asked)) == len(asked)  # no point tested twice
         assert made <= 3 * math.log2(n) + 1 if n > 1 else made == 1

@@ -193,7 +193,8 @@ def test_layer_choice_accepts_a_rephrasing_without_the_subject(editor: LokiEdito
         target_new=EDIT.target_new,
         rephrase_prompts=("That iron lattice tower in France stands in the city of",),
     )
-    scores, chosen, context_keys = editor._select_layers([request], editor.contexts())
+    selection = editor._select_layers([request], editor.contexts())
+    scores, chosen, context_keys = selection.scores, selection.chosen, selection.context_keys
     assert set(scores) == set(editor.layers)
     assert len(chosen) == editor.config.top_k
     assert all(len(context_keys[layer]) > 0 for layer in chosen)
@@ -207,19 +208,20 @@ def test_reserve_layers_take_edits_once_the_candidates_have_drifted(
     )
     assert editor.reserve == (2, 7) and editor.layers == (2, 3, 4, 5, 6, 7)
     contexts = editor.contexts()
-    _, fresh, _ = editor._select_layers([EDIT], contexts)
+    fresh = editor._select_layers([EDIT], contexts).chosen
     assert not set(fresh) & {2, 7}  # a fresh model's edits stay on the candidates
 
     # one candidate still below reserve_from·cap (0.6): the reserves stay closed
     home = set(editor.layers) - set(editor.reserve)
     drift = dict.fromkeys(editor.layers, 0.0) | dict.fromkeys(home, 0.9) | {3: 0.5}
-    monkeypatch.setattr(editor, "relative_drift", drift.__getitem__)
-    _, partly, _ = editor._select_layers([EDIT], contexts)
+    monkeypatch.setattr(editor, "relative_drift", lambda layer, *_: drift[layer])
+    partly = editor._select_layers([EDIT], contexts).chosen
     assert not set(partly) & {2, 7}
 
     # every candidate at 0.9‖W₀‖: the reserves, undrifted, outrank them
     drift[3] = 0.9
-    scores, full, _ = editor._select_layers([EDIT], contexts)
+    chose = editor._select_layers([EDIT], contexts)
+    scores, full = chose.scores, chose.chosen
     assert {2, 7} <= set(full) and set(scores) == set(editor.layers)
 
 

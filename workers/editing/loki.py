@@ -366,9 +366,10 @@ class LokiEditor(Editor):
         """W − W₀ of a candidate layer, as loaded now."""
         return self.modules[layer].weight.detach().float() - self.base[layer]
 
-    def relative_drift(self, layer: int) -> float:
-        """‖W − W₀‖ / ‖W₀‖ of a candidate layer, as loaded now."""
-        return float(self.drift(layer).norm()) / self.base_norm[layer]
+    def relative_drift(self, layer: int, drift: torch.Tensor | None = None) -> float:
+        """‖W − W₀‖ / ‖W₀‖ of a candidate layer, as loaded now (or of ``drift``, read already)."""
+        drift = self.drift(layer) if drift is None else drift
+        return float(drift.norm()) / self.base_norm[layer]
 
     # --- the edit --------------------------------------------------------------------------
     def contexts(self, n: int | None = None) -> list[str]:
@@ -402,8 +403,8 @@ class LokiEditor(Editor):
         self,
         requests: Sequence[EditRequest],
         contexts: Sequence[str],
-    ) -> tuple[dict[int, float], list[int], dict[int, torch.Tensor]]:
-        """HSIC scores of every candidate, the chosen layers, and their context-token keys."""
+    ) -> _Selection:
+        """HSIC scores of every candidate, the chosen layers, their context-token keys and drift."""
         prompts = contextual_prompts(requests, contexts)
         subjects: list[str | None] = [req.subject for req in requests for _ in contexts]
         for req in requests:
@@ -427,13 +428,14 @@ class LokiEditor(Editor):
             eps=self.config.hsic_eps,
         )
         cfg = self.config
-        drift = {layer: self.relative_drift(layer) for layer in self.layers}
+        drift = {layer: self.drift(layer) for layer in self.layers}
+        used = {layer: self.relative_drift(layer, drift[layer]) for layer in self.layers}
         home = [layer for layer in self.layers if layer not in self.reserve]
         open_reserve = (
-            min(drift[layer] for layer in home) >= cfg.reserve_from * cfg.max_relative_change
+            min(used[layer] for layer in home) >= cfg.reserve_from * cfg.max_relative_change
         )
         ranked = {
-            layer: score - cfg.capacity_weight * drift[layer]
+            layer: score - cfg.capacity_weight * used[layer]
             for layer, score in scores.items()
             if open_reserve or layer not in self.reserve
         }
@@ -447,15 +449,13 @@ class LokiEditor(Editor):
             rows, cols = zip(*marked, strict=True)
             other[list(rows), list(cols)] = False
         context_keys = {layer: keys[layer][other].float() for layer in chosen}
-        return scores, chosen, context_keys
+        return _Selection(
+            list(contexts), scores, chosen, context_keys, {layer: drift[layer] for layer in chosen}
+        )
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         # what the retry's settings do not change is worked out once for both attempts
-        contexts = self.contexts()
-        scores, chosen, context_keys = self._select_layers(requests, contexts)
-        selection = _Selection(
-            contexts, scores, chosen, context_keys, {layer: self.drift(layer) for layer in chosen}
-        )
+        selection = self._select_layers(requests, self.contexts())
         first = self._attempt(requests, self.config, selection)
         if first.success or not self.config.retry:
             return first
