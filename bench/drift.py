@@ -8,6 +8,9 @@ text (``--text heldout``: the entity-rich second text):
   others back at W₀), against all of them together;
 - per layer, how the edits' effects on the text's down-projection outputs add up: ‖Σᵢ ΔWᵢK‖²
   ÷ Σᵢ ‖ΔWᵢK‖², 1 when they are uncorrelated, up to N when they all push one way;
+- across layers, whether the layers push a token the same way: ‖Σₗ ΔWₗkₗ‖² ÷ Σₗ ‖ΔWₗkₗ‖² over
+  the text's tokens (1 when the layers' pushes are unrelated, up to the number of layers when
+  they all point one way), on every token and on the 100 whose prediction was damaged most;
 - per layer, the median ‖ΔW‖ and the median ‖a‖ of the factored changes (with ``exact_fit``,
   bᵀk = 1, so ‖a‖ is the part of v* − h that the layer delivered);
 - per token, how the damage is spread: the share of tokens that got more likely, and the share
@@ -56,6 +59,27 @@ def quadrature_ratio(changes: list[MatrixDelta], keys: torch.Tensor) -> float:
     together = float(torch.stack(outputs).sum(dim=0).pow(2).sum())
     apart = sum(float(o.pow(2).sum()) for o in outputs)
     return together / apart if apart > 0 else float("nan")
+
+
+def cross_layer_ratio(pushes: list[torch.Tensor], rows: torch.Tensor | None = None) -> float:
+    """‖Σₗ pₗ‖² ÷ Σₗ ‖pₗ‖² summed over tokens, pₗ (tokens × d_model) the change each layer adds
+    to each token's residual stream; ``rows`` keeps only those tokens."""
+    if rows is not None:
+        pushes = [p[rows] for p in pushes]
+    together = float(torch.stack(pushes).sum(dim=0).pow(2).sum())
+    apart = sum(float(p.pow(2).sum()) for p in pushes)
+    return together / apart if apart > 0 else float("nan")
+
+
+def predicting_positions(n_ids: int, window: int = 512) -> torch.Tensor:
+    """For each token ``token_nll`` scores, the position whose residual stream predicts it."""
+    out = [
+        i
+        for start in range(0, n_ids, window)
+        for i in range(start, min(start + window, n_ids) - 1)
+        if min(start + window, n_ids) - start >= 2
+    ]
+    return torch.tensor(out, dtype=torch.long)
 
 
 def ppl_of(nll: torch.Tensor) -> float:
@@ -256,6 +280,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     increase = after - before
     net = float(increase.sum())
     top = float(increase.sort(descending=True).values[:TOP_TOKENS].sum())
+    with torch.no_grad():
+        pushes = [
+            keys[layer] @ (edited[layer].float().cpu() - editor.base[layer].cpu()).T
+            for layer in layers
+        ]
+    positions = predicting_positions(len(keys[layers[0]]))
+    damaged = positions[increase.sort(descending=True).indices[:TOP_TOKENS].cpu()]
     summary: dict[str, Any] = {
         "model": lm.name,
         "n_edits": len(records),
@@ -269,6 +300,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "layers": per_layer,
         "perplexity_scaled": scaled,
+        "cross_layer_ratio": {
+            "all_tokens": cross_layer_ratio(pushes) if len(layers) > 1 else float("nan"),
+            f"top_{TOP_TOKENS}_damaged": cross_layer_ratio(pushes, damaged)
+            if len(layers) > 1
+            else float("nan"),
+            "layers": len(layers),
+        },
         "per_edit": per_edit_shares(without, along, ppl_of(before), ppl_of(after)),
         "fluency": fluency_summary,
         "rejected": sum(not deltas for deltas in per_edit),

@@ -625,6 +625,9 @@ def test_drift_cli_splits_the_drift_by_layer(tmp_path: Path) -> None:
         assert row["quadrature_ratio"] > 0 and row["median_delta_norm"] > 0
         assert row["median_output_norm"] > 0 and 0 < row["relative_change"] < 1
     assert 0 < summary["tokens"]["share_more_likely"] < 1
+    cross = summary["cross_layer_ratio"]
+    assert cross["layers"] == len(layers) > 1
+    assert 0 < cross["all_tokens"] <= len(layers) and 0 < cross["top_100_damaged"] <= len(layers)
     # scaling the whole change by 0 and 1 gives back the unedited and the edited model
     assert summary["perplexity_scaled"]["0.0"] == pytest.approx(ppl["unedited"], rel=1e-4)
     assert summary["perplexity_scaled"]["1.0"] == pytest.approx(ppl["edited"], rel=1e-4)
@@ -650,6 +653,19 @@ def test_drift_cli_reads_the_chosen_text(tmp_path: Path, loaded_model) -> None:
     assert summary["text"] == "heldout"
     assert summary["perplexity"]["unedited"] == pytest.approx(expected, rel=1e-5)
     assert expected != pytest.approx(perplexity(model, tok, max_tokens=96), rel=1e-3)
+
+
+def test_cross_layer_ratio_tells_aligned_pushes_from_unrelated_ones() -> None:
+    from bench.drift import cross_layer_ratio, predicting_positions
+
+    push = torch.randn(5, 8)
+    assert cross_layer_ratio([push, push, push]) == pytest.approx(3.0)
+    assert cross_layer_ratio([push, -push]) == 0.0
+    eye = torch.eye(8)
+    assert cross_layer_ratio([eye[:4], eye[4:]]) == pytest.approx(1.0)
+    assert cross_layer_ratio([eye[:4], eye[:4] + eye[4:]], torch.tensor([0])) == pytest.approx(5 / 3)
+    # windows of 4 over 9 ids: each window's last token predicts nothing, a lone token is skipped
+    assert predicting_positions(9, window=4).tolist() == [0, 1, 2, 4, 5, 6]
 
 
 def test_per_edit_shares_tell_which_edits_carry_the_drift() -> None:

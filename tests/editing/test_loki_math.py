@@ -203,6 +203,9 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(retry_refine_steps=-1), "retry_refine_steps"),
         (LokiConfig(retry_refine_lr=0.0), "retry_refine_lr"),
         (LokiConfig(retry_clamp_norm_factor=float("nan")), "retry_clamp_norm_factor"),
+        (LokiConfig(spread_decay=0.0), "spread_decay"),
+        (LokiConfig(spread_decay=1.5), "spread_decay"),
+        (LokiConfig(spread_decay=float("nan")), "spread_decay"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:

@@ -1,8 +1,9 @@
 """Spreading the residual change over several layers (MEMIT's layer loop, also AlphaEdit's).
 
 Layer by layer, lowest first: read the keys and the residual at the last layer on the model with
-the updates so far, give this layer an equal share of what is still missing, and solve for a
-matrix change that maps the keys to that share. Methods differ only in the solve.
+the updates so far, give this layer a share of what is still missing (MEMIT: an equal share,
+1/layers left), and solve for a matrix change that maps the keys to that share. Methods differ
+only in the solve, and LOKI in how the share is split (``decay``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ def spread_over_layers(
     layers: Sequence[int],
     z: torch.Tensor,
     solve: Solve,
+    decay: float = 1.0,
 ) -> dict[int, MatrixDelta]:
-    """``z`` (n, d_model): the wanted block output of ``layers[-1]`` (v*, one row per request)."""
+    """``z`` (n, d_model): the wanted block output of ``layers[-1]`` (v*, one row per request).
+
+    ``decay``: the i-th layer (lowest first) weighs decayⁱ, and takes its weight's part of the
+    weight still to come: 1 gives MEMIT's equal shares, below 1 asks more of the lower layers.
+    """
+    if not 0 < decay <= 1:
+        raise ValueError(f"decay: must be in (0, 1], got {decay}")
+    weights = [decay**i for i in range(len(layers))]
     z_layer = layers[-1]
     deltas: dict[int, MatrixDelta] = {}
     for i, layer in enumerate(layers):
@@ -40,7 +49,8 @@ def spread_over_layers(
             readout = read_at_subject(model, tokenizer, requests, contexts, [layer], z_layer)
         assert readout.residual is not None
         keys = readout.keys[layer].double().T
-        share = (z.to(readout.residual) - readout.residual).double().T / (len(layers) - i)
+        part = weights[i] / sum(weights[i:])
+        share = (z.to(readout.residual) - readout.residual).double().T * part
         a, b = solve(layer, keys, share)
         deltas[layer] = MatrixDelta(
             name=down_proj_name(model, layer), a=a.float().cpu(), b=b.float().cpu()
