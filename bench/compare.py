@@ -1,6 +1,10 @@
 """Side-by-side table and bar chart of several ``bench.editing`` runs.
 
-python -m bench.compare results/*/summary.json --out results/compare.md
+python -m bench.compare results/*/summary.json --out results/compare.md [--frontier f.png]
+
+``--frontier`` also plots each run's edit-metric mean against its perplexity (edited ÷
+unedited), one marker per slice of records: where every setting sits on the trade-off between
+the two, against the perplexity target.
 """
 
 from __future__ import annotations
@@ -121,12 +125,36 @@ def bar_chart(summaries: Sequence[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def frontier_chart(
+    summaries: Sequence[dict[str, Any]], path: Path, perplexity_target: float
+) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    offsets = sorted({s["offset"] for s in summaries})
+    markers = "osD^v<>p"
+    for i, offset in enumerate(offsets):
+        runs = [s for s in summaries if s["offset"] == offset]
+        xs = [s["metrics"]["perplexity"] / s["unedited"]["perplexity"] for s in runs]
+        ys = [sum(s["metrics"][m] for m in EDIT_METRICS) / len(EDIT_METRICS) for s in runs]
+        ax.scatter(xs, ys, marker=markers[i % len(markers)], label=f"records from {offset}")
+        for x, y, s in zip(xs, ys, runs, strict=True):
+            ax.annotate(s["_label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(perplexity_target, color="black", linestyle="--", linewidth=1)
+    ax.set_xlabel("perplexity, edited ÷ unedited (target: left of the dashed line)")
+    ax.set_ylabel("mean of efficacy, generalisation, specificity")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("summaries", nargs="*", help="summary.json files (default: results/*/)")
     p.add_argument("--out", type=Path, default=Path("results/compare.md"))
     p.add_argument("--png", type=Path, help="bar chart (default: --out with .png)")
+    p.add_argument("--frontier", type=Path, help="also plot edit-metric mean against perplexity")
+    p.add_argument("--perplexity-target", type=float, default=1.05, help="drawn on --frontier")
     args = p.parse_args(argv)
     paths = [Path(s) for s in args.summaries] or sorted(
         Path(s) for s in glob.glob("results/*/summary.json")
@@ -138,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown(summaries)
     args.out.write_text(table, encoding="utf-8")
     bar_chart(summaries, args.png or args.out.with_suffix(".png"))
+    if args.frontier:
+        frontier_chart(summaries, args.frontier, args.perplexity_target)
     print(table, end="")
     return 0
 

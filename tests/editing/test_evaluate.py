@@ -402,6 +402,10 @@ def test_compare_table(tmp_path: Path) -> None:
     # a summary from before the held-out text was scored shows "-" there
     assert "| unedited | 0.300 | 0.500 | 0.800 | 0.533 | 5.000 | 20.00 | - | - |" in lines
     assert "| loki | 1.000 | 0.500 | 0.800 | 0.767 | 5.000 | 20.00 | - | 1.50 |" in lines
+    frontier = tmp_path / "frontier.png"
+    args = [*map(str, paths), "--out", str(tmp_path / "cmp.md"), "--frontier", str(frontier)]
+    assert compare.main(args) == 0
+    assert frontier.stat().st_size > 0
 
 
 def _outcome_summary(path: Path, method: str, cases: list[str], eff: list[int]) -> Path:
@@ -663,7 +667,8 @@ def test_cross_layer_ratio_tells_aligned_pushes_from_unrelated_ones() -> None:
     assert cross_layer_ratio([push, -push]) == 0.0
     eye = torch.eye(8)
     assert cross_layer_ratio([eye[:4], eye[4:]]) == pytest.approx(1.0)
-    assert cross_layer_ratio([eye[:4], eye[:4] + eye[4:]], torch.tensor([0])) == pytest.approx(5 / 3)
+    first_row = torch.tensor([0])
+    assert cross_layer_ratio([eye[:4], eye[:4] + eye[4:]], first_row) == pytest.approx(5 / 3)
     # windows of 4 over 9 ids: each window's last token predicts nothing, a lone token is skipped
     assert predicting_positions(9, window=4).tolist() == [0, 1, 2, 4, 5, 6]
 
