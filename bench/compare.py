@@ -42,7 +42,8 @@ def load_summaries(paths: Sequence[Path]) -> list[dict[str, Any]]:
         if "metrics" not in data:
             log.warning("%s: run not finished, skipped", path)
             continue
-        data["_label"] = f"{data['method']} ({Path(path).parent.name})"
+        data["_dir"] = Path(path).parent.name
+        data["_label"] = f"{data['method']} ({data['_dir']})"
         out.append(data)
     methods = [s["method"] for s in out]
     if len(set(methods)) == len(methods):  # directory names only where a method repeats
@@ -138,7 +139,7 @@ def frontier_chart(
         ys = [sum(s["metrics"][m] for m in EDIT_METRICS) / len(EDIT_METRICS) for s in runs]
         ax.scatter(xs, ys, marker=markers[i % len(markers)], label=f"records from {offset}")
         for x, y, s in zip(xs, ys, runs, strict=True):
-            ax.annotate(s["_label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(s["_dir"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axvline(perplexity_target, color="black", linestyle="--", linewidth=1)
     ax.set_xlabel("perplexity, edited ÷ unedited (target: left of the dashed line)")
     ax.set_ylabel("mean of efficacy, generalisation, specificity")
