@@ -49,8 +49,11 @@ def spread_over_layers(
             readout = read_at_subject(model, tokenizer, requests, contexts, [layer], z_layer)
         assert readout.residual is not None
         keys = readout.keys[layer].double().T
-        part = weights[i] / sum(weights[i:])
-        share = (z.to(readout.residual) - readout.residual).double().T * part
+        # a division, as before decay existed: with decay 1 it divides by the layers left, so
+        # MEMIT's, AlphaEdit's and LOKI's default changes stay bit-identical to earlier runs
+        share = (z.to(readout.residual) - readout.residual).double().T / (
+            sum(weights[i:]) / weights[i]
+        )
         a, b = solve(layer, keys, share)
         deltas[layer] = MatrixDelta(
             name=down_proj_name(model, layer), a=a.float().cpu(), b=b.float().cpu()
