@@ -52,9 +52,13 @@ def load_summaries(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return out
 
 
+def edit_mean(metrics: dict[str, Any]) -> float:
+    """The mean of efficacy, generalisation and specificity: the issue's headline figure."""
+    return sum(metrics[m] for m in EDIT_METRICS) / len(EDIT_METRICS)
+
+
 def row(label: str, metrics: dict[str, Any], median: float | None) -> list[str]:
-    mean3 = sum(metrics[m] for m in EDIT_METRICS) / len(EDIT_METRICS)
-    cells = [label, *(f"{metrics[m]:.3f}" for m in EDIT_METRICS), f"{mean3:.3f}"]
+    cells = [label, *(f"{metrics[m]:.3f}" for m in EDIT_METRICS), f"{edit_mean(metrics):.3f}"]
     cells += [f"{metrics['fluency']:.3f}", f"{metrics['perplexity']:.2f}"]
     heldout = metrics.get("perplexity_heldout")  # absent from summaries written before it
     cells.append("-" if heldout is None else f"{heldout:.2f}")
@@ -103,8 +107,7 @@ def bar_chart(summaries: Sequence[dict[str, Any]], path: Path) -> None:
     width = 0.8 / max(len(series), 1)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     for i, (label, m) in enumerate(series):
-        values = [m[k] for k in EDIT_METRICS]
-        values.append(sum(values) / len(values))
+        values = [*(m[k] for k in EDIT_METRICS), edit_mean(m)]
         left.bar(x + i * width, values, width, label=label)
     left.set_xticks(x + width * (len(series) - 1) / 2, groups)
     left.set_ylim(0, 1.05)
@@ -136,7 +139,7 @@ def frontier_chart(
     for i, offset in enumerate(offsets):
         runs = [s for s in summaries if s["offset"] == offset]
         xs = [s["metrics"]["perplexity"] / s["unedited"]["perplexity"] for s in runs]
-        ys = [sum(s["metrics"][m] for m in EDIT_METRICS) / len(EDIT_METRICS) for s in runs]
+        ys = [edit_mean(s["metrics"]) for s in runs]
         ax.scatter(xs, ys, marker=markers[i % len(markers)], label=f"records from {offset}")
         for x, y, s in zip(xs, ys, runs, strict=True):
             ax.annotate(s["_dir"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -44,7 +44,7 @@ from bench.editing import Evaluator
 from bench.plots import pyplot, save_figure
 from workers.editing.datasets import load_records
 from workers.editing.delta import MatrixDelta
-from workers.editing.evaluate import PERPLEXITY_TEXTS, token_nll
+from workers.editing.evaluate import PERPLEXITY_TEXTS, scored_windows, token_nll
 from workers.editing.factory import build_editor
 from workers.editing.keys import read_text_keys
 from workers.editing.loki import LokiEditor
@@ -73,13 +73,8 @@ def cross_layer_ratio(pushes: list[torch.Tensor], rows: torch.Tensor | None = No
 
 def predicting_positions(n_ids: int, window: int = 512) -> torch.Tensor:
     """For each token ``token_nll`` scores, the position whose residual stream predicts it."""
-    out = [
-        i
-        for start in range(0, n_ids, window)
-        for i in range(start, min(start + window, n_ids) - 1)
-        if min(start + window, n_ids) - start >= 2
-    ]
-    return torch.tensor(out, dtype=torch.long)
+    spans = scored_windows(n_ids, window)
+    return torch.tensor([i for span in spans for i in span[:-1]], dtype=torch.long)
 
 
 def ppl_of(nll: torch.Tensor) -> float:
@@ -279,14 +274,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     increase = after - before
     net = float(increase.sum())
-    top = float(increase.sort(descending=True).values[:TOP_TOKENS].sum())
-    with torch.no_grad():
-        pushes = [
-            keys[layer] @ (edited[layer].float().cpu() - editor.base[layer].cpu()).T
-            for layer in layers
-        ]
-    positions = predicting_positions(len(keys[layers[0]]))
-    damaged = positions[increase.sort(descending=True).indices[:TOP_TOKENS].cpu()]
+    most_damaged = increase.sort(descending=True)
+    top = float(most_damaged.values[:TOP_TOKENS].sum())
+    # the weights are back to the edited ones here, so drift() is each layer's whole change
+    pushes = [keys[layer] @ editor.drift(layer).cpu().T for layer in layers]
+    damaged = predicting_positions(len(keys[layers[0]]))[most_damaged.indices[:TOP_TOKENS].cpu()]
+    several = len(layers) > 1  # one layer has nothing to line up with
     summary: dict[str, Any] = {
         "model": lm.name,
         "n_edits": len(records),
@@ -301,9 +294,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layers": per_layer,
         "perplexity_scaled": scaled,
         "cross_layer_ratio": {
-            "all_tokens": cross_layer_ratio(pushes) if len(layers) > 1 else float("nan"),
+            "all_tokens": cross_layer_ratio(pushes) if several else float("nan"),
             f"top_{TOP_TOKENS}_damaged": cross_layer_ratio(pushes, damaged)
-            if len(layers) > 1
+            if several
             else float("nan"),
             "layers": len(layers),
         },

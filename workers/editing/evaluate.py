@@ -317,6 +317,12 @@ def fluency(
 # ---------------------------------------------------------------- perplexity
 
 
+def scored_windows(n_ids: int, window: int) -> list[range]:
+    """The consecutive windows ``token_nll`` scores: a window of one token predicts nothing."""
+    spans = (range(start, min(start + window, n_ids)) for start in range(0, n_ids, window))
+    return [span for span in spans if len(span) >= 2]
+
+
 @torch.no_grad()
 def token_nll(
     model: PreTrainedModel,
@@ -338,11 +344,8 @@ def token_nll(
         raise ValueError("text: needs at least two tokens")
     device = next(model.parameters()).device
     parts: list[torch.Tensor] = []
-    for start in range(0, len(ids), window):
-        piece = ids[start : start + window]
-        if len(piece) < 2:
-            continue
-        x = torch.tensor([piece], device=device)
+    for span in scored_windows(len(ids), window):
+        x = torch.tensor([ids[span.start : span.stop]], device=device)
         logits = model(input_ids=x).logits[0, :-1].float()
         parts.append(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none").cpu())
     return torch.cat(parts)

@@ -57,7 +57,7 @@ from workers.editing.spread import spread_over_layers
 from workers.editing.stats import key_second_moments
 from workers.editing.target_value import KL_TEMPLATE, TargetValueConfig, optimise_target_values
 from workers.editing.targets import Rivals, TargetIndex, TargetProbe
-from workers.editing.validation import check_count, check_positive
+from workers.editing.validation import check_count, check_positive, check_unit_fraction
 
 _STATE_KEY = re.compile(r"^keys\.(\d+)$")
 
@@ -252,8 +252,7 @@ class LokiConfig:
         if self.retry_refine_steps < 0:
             raise ValueError(f"retry_refine_steps: must be ≥ 0, got {self.retry_refine_steps}")
         check_positive("retry_refine_lr", self.retry_refine_lr)
-        if not 0 < self.spread_decay <= 1:
-            raise ValueError(f"spread_decay: must be in (0, 1], got {self.spread_decay}")
+        check_unit_fraction("spread_decay", self.spread_decay)
         check_positive("retry_clamp_norm_factor", self.retry_clamp_norm_factor)
         if not 0 <= self.trim_min_prob < 1:
             raise ValueError(f"trim_min_prob: must be in [0, 1), got {self.trim_min_prob}")

@@ -18,6 +18,7 @@ from workers.editing.delta import MatrixDelta
 from workers.editing.hooks import applied
 from workers.editing.keys import read_at_subject
 from workers.editing.requests import EditRequest
+from workers.editing.validation import check_unit_fraction
 
 # (layer, keys (d_ff, n), residual share (d_model, n)) -> (a (d_model, n), b (n, d_ff))
 Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -38,8 +39,7 @@ def spread_over_layers(
     ``decay``: the i-th layer (lowest first) weighs decayⁱ, and takes its weight's part of the
     weight still to come: 1 gives MEMIT's equal shares, below 1 asks more of the lower layers.
     """
-    if not 0 < decay <= 1:
-        raise ValueError(f"decay: must be in (0, 1], got {decay}")
+    check_unit_fraction("decay", decay)
     weights = [decay**i for i in range(len(layers))]
     z_layer = layers[-1]
     deltas: dict[int, MatrixDelta] = {}

@@ -18,6 +18,12 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         raise ValueError(f"{name}: must be {bound}, got {value}")
 
 
+def check_unit_fraction(name: str, value: float) -> None:
+    """A weight in (0, 1]; NaN fails too."""
+    if not 0 < value <= 1:
+        raise ValueError(f"{name}: must be in (0, 1], got {value}")
+
+
 def check_count(name: str, value: int, *, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: must be an integer, got {type(value).__name__}")
