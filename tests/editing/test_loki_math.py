@@ -206,6 +206,7 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(spread_decay=0.0), "spread_decay"),
         (LokiConfig(spread_decay=1.5), "spread_decay"),
         (LokiConfig(spread_decay=float("nan")), "spread_decay"),
+        (LokiConfig(key_contexts=0), "key_contexts"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:

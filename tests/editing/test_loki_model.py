@@ -225,6 +225,35 @@ def test_reserve_layers_take_edits_once_the_candidates_have_drifted(
     assert {2, 7} <= set(full) and set(scores) == set(editor.layers)
 
 
+@pytest.mark.slow
+def test_key_contexts_average_the_subject_key_over_more_prefixes(
+    loaded_model: LoadedModel, editor: LokiEditor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import workers.editing.loki as loki
+    from workers.editing.keys import read_at_subject
+
+    editor.config = dataclasses.replace(editor.config, key_contexts=8)
+    seen: list[int] = []
+    spread = loki.spread_over_layers
+
+    def spy(model, tokenizer, requests, contexts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(len(contexts))
+        return spread(model, tokenizer, requests, contexts, *args, **kwargs)
+
+    monkeypatch.setattr(loki, "spread_over_layers", spy)
+    result = editor.apply([EDIT])
+    assert result.success and seen == [8]
+    # v* and MPES keep their 4 contexts; the key the update reads and the key later edits are
+    # kept off are both the 8-context average, read on the edited model
+    assert editor.config.target.n_contexts == 4
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    with_8 = read_at_subject(model, tok, [EDIT], editor.contexts(8), editor.layers).keys
+    with_4 = read_at_subject(model, tok, [EDIT], editor.contexts(4), editor.layers).keys
+    for layer in editor.layers:
+        assert torch.allclose(editor.past_keys[layer][0], with_8[layer][0], atol=1e-5)
+        assert not torch.allclose(editor.past_keys[layer][0], with_4[layer][0], atol=1e-3)
+
+
 def test_read_text_keys_reads_every_token_window_by_window(loaded_model: LoadedModel) -> None:
     from workers.editing.keys import read_text_keys
 

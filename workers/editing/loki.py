@@ -181,6 +181,10 @@ class LokiConfig:
     # contexts the trim keeps the margin in: v*'s own, then more prefixes generated the same way
     # (forward passes only, so more of them cost little)
     trim_contexts: int = 4
+    # contexts the subject key is averaged over (the update's input direction, and the past keys
+    # later edits are kept off): v*'s own, then more prefixes generated the same way. Forward
+    # passes only, so more of them cost little; None: v*'s n_contexts.
+    key_contexts: int | None = None
     # A second attempt for an edit that did not take (target not top-1 in every context), with
     # v* as large as MEMIT and AlphaEdit make it (‖δ‖ ≤ retry_clamp_norm_factor·‖h‖, no NLL
     # stop) and up to retry_refine_steps MPES steps at retry_refine_lr. The edits that fail
@@ -261,6 +265,8 @@ class LokiConfig:
             raise ValueError("trim_min_margin: must be finite")
         check_count("trim_steps", self.trim_steps)
         check_count("trim_contexts", self.trim_contexts)
+        if self.key_contexts is not None:
+            check_count("key_contexts", self.key_contexts)
         if not isinstance(self.target, TargetValueConfig):
             raise ValueError("target: must be a TargetValueConfig")
         return tuple(sorted(set(layers)))
@@ -387,6 +393,10 @@ class LokiEditor(Editor):
         """The bare prompt and generated prefixes: v*'s ``n_contexts``, or the first ``n``."""
         t = self.config.target
         return context_templates(self.model, self.tokenizer, n or t.n_contexts, t.context_length)
+
+    def key_contexts(self) -> list[str]:
+        """The contexts a subject key is averaged over (``key_contexts``)."""
+        return self.contexts(self.config.key_contexts)
 
     def weight_basis(self, layer: int) -> torch.Tensor:
         """What every edit at ``layer`` must leave alone: W₀'s input directions, plus the top
@@ -516,7 +526,7 @@ class LokiEditor(Editor):
             self.model,
             self.tokenizer,
             requests,
-            contexts,
+            self.key_contexts(),
             chosen,
             values.z,
             solve,
@@ -706,7 +716,7 @@ class LokiEditor(Editor):
     def after_apply(self, requests: Sequence[EditRequest], result: EditResult) -> None:
         # read on the edited model, as AlphaEdit does: lower layers' updates move higher keys
         readout = read_at_subject(
-            self.model, self.tokenizer, requests, self.contexts(), self.layers
+            self.model, self.tokenizer, requests, self.key_contexts(), self.layers
         )
         for layer, keys in readout.keys.items():
             self.past_keys[layer] = torch.cat([self.past_keys[layer], keys.float().cpu()])
