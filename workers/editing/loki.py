@@ -183,7 +183,8 @@ class LokiConfig:
     trim_contexts: int = 4
     # contexts the subject key is averaged over (the update's input direction, and the past keys
     # later edits are kept off): v*'s own, then more prefixes generated the same way. Forward
-    # passes only, so more of them cost little; None: v*'s n_contexts.
+    # passes only, so more of them cost little; None: v*'s n_contexts. 12 on 200 CounterFact
+    # edits (README "Session 18"): no difference beyond run-to-run noise, so off.
     key_contexts: int | None = None
     # A second attempt for an edit that did not take (target not top-1 in every context), with
     # v* as large as MEMIT and AlphaEdit make it (‖δ‖ ≤ retry_clamp_norm_factor·‖h‖, no NLL
