@@ -187,6 +187,13 @@ def test_config_overrides_reach_nested_fields_and_refuse_bad_ones() -> None:
     with pytest.raises(ValueError, match=r"^target\.: missing the setting"):
         with_overrides(LokiConfig(), {"target.": "3"})
     assert with_overrides(LokiConfig(), {"l2": "20"}).l2 == 20.0  # an int where a float is
+    # a text setting takes its value bare or quoted; the config still checks it
+    for raw in ("articles", "'articles'"):
+        assert with_overrides(LokiConfig(), {"self_text_style": raw}).self_text_style == "articles"
+    with pytest.raises(ValueError, match=r"^self_text_style: must be one of"):
+        with_overrides(LokiConfig(), {"self_text_style": "wiki"}).resolve_layers(30)
+    with pytest.raises(ValueError, match=r"^self_text_style: expected a str"):
+        with_overrides(LokiConfig(), {"self_text_style": "3"})
 
 
 # ---------------------------------------------------------------- metrics on the real model
@@ -539,6 +546,24 @@ def test_keyspace_editable_share_and_eigen_basis() -> None:
     kept = eigen_basis(moment, 1e-2)
     assert kept.shape == (4, 2)
     assert editable_share(kept, torch.eye(4)) == pytest.approx(0.5)
+
+
+def test_prior_leakage_reads_what_a_prior_keeps_off_the_text() -> None:
+    from bench.prior_leakage import input_directions, leakage, paraphrase_response, second_moment
+
+    keys = torch.tensor([[1.0, 1.0, 0.0]])  # the subject's key
+    text = second_moment(torch.tensor([[0.0, 2.0, 0.0], [0.0, -2.0, 0.0]]))  # text uses axis 1
+    bare = input_directions(None, keys, weight=1.0, alpha=1.0)
+    assert torch.allclose(bare[:, 0], keys[0].double())  # α only: u ∝ k
+    # u = (1, 1, 0): uᵀCu = 4, uᵀk = 2
+    assert leakage(bare, keys, text).item() == pytest.approx(1.0)
+    # a prior that has seen the text steers u off axis 1 and leaks less
+    steered = input_directions(text, keys, weight=10.0, alpha=1.0)
+    assert leakage(steered, keys, text).item() < 0.1
+    # a paraphrase whose key lies along axis 1 is then answered less
+    para = torch.tensor([[0.0, 2.0, 0.0]])
+    assert paraphrase_response(bare, keys, para).item() == pytest.approx(1.0)
+    assert paraphrase_response(steered, keys, para).item() < 0.1
 
 
 def test_edit_phases_cli_times_every_phase(tmp_path: Path) -> None:

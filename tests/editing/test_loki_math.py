@@ -195,6 +195,7 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(self_text_weight=-1.0), "self_text_weight"),
         (LokiConfig(self_text_weight=float("nan")), "self_text_weight"),
         (LokiConfig(self_text_weight=1.0, self_text_tokens=3), "self_text_tokens"),
+        (LokiConfig(self_text_style="wiki"), "self_text_style"),
         (LokiConfig(trim_min_prob=1.0), "trim_min_prob"),
         (LokiConfig(trim_min_prob=float("nan")), "trim_min_prob"),
         (LokiConfig(trim_min_prob=0.5, trim_steps=0), "trim_steps"),

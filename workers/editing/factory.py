@@ -37,10 +37,14 @@ def _editor_and_config(method: str) -> tuple[type[Editor], type[Any]]:
 
 
 def _literal(name: str, raw: str, current: Any) -> Any:
-    """``raw`` parsed as a Python literal of the same kind as the setting's current value."""
+    """``raw`` parsed as a Python literal of the same kind as the setting's current value; a text
+    setting also takes its value bare (``style=articles`` as well as ``style='articles'``); bare
+    text that reads as a literal (``3``, ``None``) is still taken as that literal."""
     try:
         value = ast.literal_eval(raw)
     except Exception:  # literal_eval raises ValueError, SyntaxError, TypeError, MemoryError…
+        if isinstance(current, str):
+            return raw
         raise ValueError(f"{name}: {raw!r} is not a Python literal") from None
     if current is None or value is None:
         return value  # an optional setting: the config's own checks decide
@@ -58,7 +62,8 @@ def _literal(name: str, raw: str, current: Any) -> Any:
 def with_overrides(config: Any, overrides: Mapping[str, str], prefix: str = "") -> Any:
     """A copy of a config dataclass with ``{"field": "value", "nested.field": "value"}`` set.
 
-    Values are Python literals of the setting's kind (``3``, ``0.5``, ``(4, 5)``, ``None``);
+    Values are Python literals of the setting's kind (``3``, ``0.5``, ``(4, 5)``, ``None``, or
+    bare text for a text setting);
     the dataclass's own checks then refuse what is out of range."""
     changes: dict[str, Any] = {}
     nested: dict[str, dict[str, str]] = {}

@@ -51,7 +51,7 @@ from workers.editing.nullspace import (
 )
 from workers.editing.requests import EditRequest
 from workers.editing.result import EditResult, LayerScore
-from workers.editing.selftext import OPENINGS
+from workers.editing.selftext import OPENINGS, check_style
 from workers.editing.sensitivity import residual_fisher
 from workers.editing.spread import spread_over_layers
 from workers.editing.stats import key_second_moments
@@ -108,6 +108,9 @@ class LokiConfig:
     self_text_tokens: int = 4096
     self_text_energy: float = 0.0
     self_text_weight: float = 300.0
+    # "openings": the model continues generic openings; "articles": it writes short encyclopedia
+    # articles when asked through its chat template, text nearer ordinary prose (selftext.py).
+    self_text_style: str = "openings"
     l2: float = 10.0  # α: ridge of the projected solve
     # True: each layer delivers its whole share of v* (ΔW K = R); the ridge then only picks the
     # input directions. False: the ridge also shrinks how much is delivered, and the layers above
@@ -251,6 +254,7 @@ class LokiConfig:
         if not self.self_text_energy < 1:
             raise ValueError(f"self_text_energy: must be in [0, 1), got {self.self_text_energy}")
         check_positive("self_text_weight", self.self_text_weight, allow_zero=True)
+        check_style(self.self_text_style)
         check_count("self_text_tokens", self.self_text_tokens, minimum=len(OPENINGS))
         if self.refine_steps < 0 or self.extra_steps < 0:
             raise ValueError("refine_steps, extra_steps: must not be negative")
@@ -334,6 +338,7 @@ class LokiEditor(Editor):
                 self.layers,
                 max_tokens=self.config.self_text_tokens,
                 source="self",
+                style=self.config.self_text_style,
             )
             if self.config.uses_self_text
             else {}

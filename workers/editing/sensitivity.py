@@ -67,6 +67,8 @@ def residual_fisher(
     """layer -> F̂ (d_model × d_model, fp32, CPU, trace d_model) of self-sampled text at the
     output of block ``layer``, read from ``var/stats`` when cached there."""
     root = cache_dir or default_stats_dir()
+    # the openings, whatever LOKI's self_text_style: the penalty is off, and its figures were
+    # read on them
     name, sha = model_key(model), self_text_id()
     n_tokens = self_text_length(tokenizer, max_tokens)
     path = {layer: root / f"{name}-fisher-layer{layer}-n{n_tokens}.safetensors" for layer in layers}

@@ -35,7 +35,12 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.arch import down_proj
-from workers.editing.selftext import self_text_chunks, self_text_id, self_text_length
+from workers.editing.selftext import (
+    resolve_style,
+    self_text_chunks,
+    self_text_id,
+    self_text_length,
+)
 
 TEXT_PATH = Path(__file__).parent / "data" / "k0_text.txt"
 CHUNK_TOKENS = 128
@@ -148,11 +153,13 @@ def key_second_moments(
     max_tokens: int = DEFAULT_TOKENS,
     cache_dir: Path | None = None,
     source: str = "text",
+    style: str = "openings",
 ) -> dict[int, torch.Tensor]:
     """layer -> E[k kᵀ] (d_ff × d_ff, fp32, CPU), read from ``var/stats`` when cached there.
 
     ``source``: "text" reads the shipped prose (the baselines' K₀); "self" samples ``max_tokens``
-    tokens from the model itself (``workers.editing.selftext``, LOKI's stand-in for a corpus).
+    tokens from the model itself (``workers.editing.selftext``, LOKI's stand-in for a corpus),
+    in ``style`` ("openings" or "articles").
     """
     if source not in SOURCES:
         raise ValueError(f"source: must be one of {SOURCES}, got {source!r}")
@@ -162,8 +169,9 @@ def key_second_moments(
         sha, tag = _text_sha(), ""
         n_tokens = sum(len(c) for c in text_chunks(tokenizer, max_tokens))
     else:
-        sha, tag = self_text_id(), "-self"
-        n_tokens = self_text_length(tokenizer, max_tokens)
+        style = resolve_style(tokenizer, style)
+        sha, tag = self_text_id(style=style), "-self" if style == "openings" else f"-self-{style}"
+        n_tokens = self_text_length(tokenizer, max_tokens, style)
     out: dict[int, torch.Tensor] = {}
     missing: list[int] = []
     for layer in layers:
@@ -179,7 +187,7 @@ def key_second_moments(
         chunks = (
             text_chunks(tokenizer, max_tokens)
             if source == "text"
-            else self_text_chunks(model, tokenizer, max_tokens)
+            else self_text_chunks(model, tokenizer, max_tokens, style=style)
         )
         moments, count = _collect(model, tokenizer, missing, chunks)
         root.mkdir(parents=True, exist_ok=True)
