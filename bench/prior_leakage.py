@@ -29,13 +29,15 @@ import torch
 
 from bench.cli import COUNTERFACT, add_threads, use_threads
 from bench.plots import pyplot, save_figure
+from workers.editing.arch import num_layers
 from workers.editing.datasets import load_records
 from workers.editing.evaluate import PERPLEXITY_TEXTS
 from workers.editing.keys import read_at_subject, read_text_keys
+from workers.editing.loki import LokiConfig
 from workers.editing.model import load_model
 from workers.editing.stats import key_second_moments
 
-LAYERS = (3, 4, 5, 6)
+DEFAULTS = LokiConfig()  # λ, α, the layers and the openings' length are the editor's own
 
 
 def second_moment(keys: torch.Tensor) -> torch.Tensor:
@@ -72,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=COUNTERFACT)
     p.add_argument("--offset", type=int, default=2000)
     p.add_argument("--n", type=int, default=100, help="CounterFact records for subject keys")
-    p.add_argument("--weight", type=float, default=300.0, help="λ, as LOKI's self_text_weight")
-    p.add_argument("--alpha", type=float, default=10.0, help="α, as LOKI's l2")
+    p.add_argument(
+        "--weight", type=float, default=DEFAULTS.self_text_weight, help="λ: self_text_weight"
+    )
+    p.add_argument("--alpha", type=float, default=DEFAULTS.l2, help="α: LOKI's l2")
     p.add_argument("--out", type=Path, default=Path("results/prior-leakage"))
     add_threads(p)
     args = p.parse_args(argv)
@@ -81,36 +85,37 @@ def main(argv: list[str] | None = None) -> None:
 
     lm = load_model()
     model, tokenizer = lm.model, lm.tokenizer
+    layers = DEFAULTS.resolve_layers(num_layers(model))
     records = load_records(args.data, offset=args.offset, n=args.n)
     requests = [r.request for r in records]
-    subject = read_at_subject(model, tokenizer, requests, ["{}"], LAYERS).keys
+    subject = read_at_subject(model, tokenizer, requests, ["{}"], layers).keys
     with_para = [i for i, r in enumerate(records) if r.request.subject in r.rephrase_prompt]
     rephrased = [
         dataclasses.replace(records[i].request, prompt=records[i].rephrase_prompt)
         for i in with_para
     ]
-    para = read_at_subject(model, tokenizer, rephrased, ["{}"], LAYERS).keys
+    para = read_at_subject(model, tokenizer, rephrased, ["{}"], layers).keys
     texts = {
         name: {
             layer: second_moment(keys)
-            for layer, keys in read_text_keys(model, tokenizer, read(), LAYERS, window=256).items()
+            for layer, keys in read_text_keys(model, tokenizer, read(), layers, window=256).items()
         }
         for name, read in PERPLEXITY_TEXTS.items()
     }
     priors: dict[str, dict[int, torch.Tensor] | None] = {
         "none (alpha only)": None,
-        "own text, openings (4k)": key_second_moments(
-            model, tokenizer, LAYERS, max_tokens=4096, source="self"
+        f"own text, openings ({DEFAULTS.self_text_tokens // 1024}k)": key_second_moments(
+            model, tokenizer, layers, max_tokens=DEFAULTS.self_text_tokens, source="self"
         ),
         "own text, articles (8k)": key_second_moments(
-            model, tokenizer, LAYERS, max_tokens=8192, source="self", style="articles"
+            model, tokenizer, layers, max_tokens=8192, source="self", style="articles"
         ),
-        "shipped prose (K0, baselines only)": key_second_moments(model, tokenizer, LAYERS),
+        "shipped prose (K0, baselines only)": key_second_moments(model, tokenizer, layers),
     }
     rows = []
     for name, prior in priors.items():
         row: dict[str, object] = {"prior": name}
-        for layer in LAYERS:
+        for layer in layers:
             k = subject[layer].cpu()
             u = input_directions(
                 None if prior is None else prior[layer], k, weight=args.weight, alpha=args.alpha
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             response = paraphrase_response(u[:, with_para], k[with_para], para[layer].cpu())
             row[f"paraphrase_layer{layer}"] = float(response.median())
         for key in ("leakage_fixed", "leakage_heldout", "paraphrase"):
-            row[key] = sum(float(row[f"{key}_layer{layer}"]) for layer in LAYERS) / len(LAYERS)
+            row[key] = sum(float(row[f"{key}_layer{layer}"]) for layer in layers) / len(layers)
         rows.append(row)
         print(
             f"{name:36s} leakage fixed {row['leakage_fixed'] * 1e3:.3f}e-3 "
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {
         "records": [args.offset, args.offset + args.n],
-        "layers": LAYERS,
+        "layers": layers,
         "weight": args.weight,
         "alpha": args.alpha,
         "rows": rows,
