@@ -37,7 +37,8 @@ from workers.editing.loki import LokiConfig
 from workers.editing.model import load_model
 from workers.editing.stats import key_second_moments
 
-DEFAULTS = LokiConfig()  # λ, α, the layers and the openings' length are the editor's own
+DEFAULTS = LokiConfig()  # λ, α, the layers and the articles' length are the editor's own
+OPENINGS_TOKENS = 4096  # the openings' length while they were the default (before session 21)
 
 
 def second_moment(keys: torch.Tensor) -> torch.Tensor:
@@ -104,11 +105,16 @@ def main(argv: list[str] | None = None) -> None:
     }
     priors: dict[str, dict[int, torch.Tensor] | None] = {
         "none (alpha only)": None,
-        f"own text, openings ({DEFAULTS.self_text_tokens // 1024}k)": key_second_moments(
-            model, tokenizer, layers, max_tokens=DEFAULTS.self_text_tokens, source="self"
+        f"own text, openings ({OPENINGS_TOKENS // 1024}k)": key_second_moments(
+            model, tokenizer, layers, max_tokens=OPENINGS_TOKENS, source="self"
         ),
-        "own text, articles (8k)": key_second_moments(
-            model, tokenizer, layers, max_tokens=8192, source="self", style="articles"
+        f"own text, articles ({DEFAULTS.self_text_tokens // 1024}k)": key_second_moments(
+            model,
+            tokenizer,
+            layers,
+            max_tokens=DEFAULTS.self_text_tokens,
+            source="self",
+            style="articles",
         ),
         "shipped prose (K0, baselines only)": key_second_moments(model, tokenizer, layers),
     }

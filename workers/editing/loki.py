@@ -103,19 +103,22 @@ class LokiConfig:
     # 1.16× / 1.16× / 1.19× → 1.10× / 1.10× / 1.09×, edit-metric mean 0.850 / 0.853 / 0.850 →
     # 0.852 / 0.842 / 0.843, fluency 1.00× / 0.99× / 0.99× → 0.97× / 0.97× / 0.98×; 1,000
     # edits: efficacy 0.908 → 0.937, perplexity 2.41× → 1.84×, fluency 0.75× → 0.84×,
-    # per-edit success 0.84 → 0.96. Sampling the text costs ~35 s once per model (cached
-    # under var/stats).
-    self_text_tokens: int = 4096
+    # per-edit success 0.84 → 0.96. Sampling the text costs ~75 s once per model (8k tokens of
+    # articles on two CPU cores; cached under var/stats).
+    self_text_tokens: int = 8192
     self_text_energy: float = 0.0
     self_text_weight: float = 300.0
     # "openings": the model continues generic openings; "articles": it writes short encyclopedia
     # articles when asked through its chat template, text nearer ordinary prose (selftext.py).
-    # Articles with self_text_tokens=8192, 200 CounterFact edits on records 0/2000/5000/7000
-    # (README "The model's own articles"): perplexity 1.039× / 1.059× / 1.053× / 1.048× against
-    # the default's 1.039× / 1.070× / 1.068× / 1.044×, held-out text lower on all four (1.072–
-    # 1.100× against 1.083–1.108×), edit-metric mean −0.005 (−0.012 to +0.003) over the 800
-    # records. Not the default until it has a 1,000-edit run.
-    self_text_style: str = "openings"
+    # Articles with self_text_tokens=8192 against openings with 4096 (the default before
+    # session 21), 200 CounterFact edits on records 0/2000/5000/7000/9000 (README "The model's
+    # own articles"): perplexity 1.039× / 1.059× / 1.053× / 1.048× / 1.047× against 1.039× /
+    # 1.070× / 1.068× / 1.044× / 1.054×, held-out text lower on all five, edit-metric mean
+    # −0.002 (−0.009 to +0.005) over the 1,000 records; 1,000 edits on records 0–999: 0.953 /
+    # 0.852 / 0.624, perplexity 1.85× and held-out 2.23× against 0.947 / 0.864 / 0.603, 2.04×
+    # and 2.60×. Sampling costs ~75 s once per model against ~35 s.
+    # A tokenizer without a chat template falls back to the openings (resolve_style).
+    self_text_style: str = "articles"
     l2: float = 10.0  # α: ridge of the projected solve
     # True: each layer delivers its whole share of v* (ΔW K = R); the ridge then only picks the
     # input directions. False: the ridge also shrinks how much is delivered, and the layers above
