@@ -103,8 +103,8 @@ class LokiConfig:
     # 1.16× / 1.16× / 1.19× → 1.10× / 1.10× / 1.09×, edit-metric mean 0.850 / 0.853 / 0.850 →
     # 0.852 / 0.842 / 0.843, fluency 1.00× / 0.99× / 0.99× → 0.97× / 0.97× / 0.98×; 1,000
     # edits: efficacy 0.908 → 0.937, perplexity 2.41× → 1.84×, fluency 0.75× → 0.84×,
-    # per-edit success 0.84 → 0.96. Sampling the text costs ~75 s once per model (8k tokens of
-    # articles on two CPU cores; cached under var/stats).
+    # per-edit success 0.84 → 0.96. The sampled text's statistics are cached under var/stats
+    # (its cost per style below).
     self_text_tokens: int = 8192
     self_text_energy: float = 0.0
     self_text_weight: float = 300.0
@@ -116,7 +116,7 @@ class LokiConfig:
     # 1.070× / 1.068× / 1.044× / 1.054×, held-out text lower on all five, edit-metric mean
     # −0.002 (−0.009 to +0.005) over the 1,000 records; 1,000 edits on records 0–999: 0.953 /
     # 0.852 / 0.624, perplexity 1.85× and held-out 2.23× against 0.947 / 0.864 / 0.603, 2.04×
-    # and 2.60×. Sampling costs ~75 s once per model against ~35 s.
+    # and 2.60×. Sampling costs ~75 s once per model on two CPU cores against ~35 s.
     # A tokenizer without a chat template falls back to the openings (resolve_style).
     self_text_style: str = "articles"
     l2: float = 10.0  # α: ridge of the projected solve
