@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "ratio": statistics.fmean(got) / statistics.fmean(base),
                     "ratio_first": statistics.fmean(got[:first]) / statistics.fmean(base[:first]),
                     "ppl_ratio": perplexity(model, tok, max_tokens=args.ppl_tokens) / base_ppl,
+                    "entropies": [round(e, 5) for e in got],  # for bench.fluency_flips
                 }
             )
     finally:
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scale": args.scale,
         "prompts": len(prompts),
         "tokens": args.tokens,
-        "unedited": {"fluency": statistics.fmean(base), "perplexity": base_ppl},
+        "unedited": {
+            "fluency": statistics.fmean(base),
+            "perplexity": base_ppl,
+            "fluency_entropies": [round(e, 5) for e in base],
+        },
         # read once the noise is taken off again: equal to the unedited figure
         "perplexity_restored": perplexity(model, tok, max_tokens=args.ppl_tokens),
         "fluency_ratio": spread([r["ratio"] for r in runs]),
@@ -120,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (args.out / "fluency-noise.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     plot(args.out / "fluency-noise.png", runs)
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    shown = {k: v for k, v in result.items() if k != "runs"}
+    shown["unedited"] = {k: v for k, v in result["unedited"].items() if k != "fluency_entropies"}
+    print(json.dumps(shown, indent=2))
     return result
 
 

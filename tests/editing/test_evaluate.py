@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import compare
+from bench import compare, fluency_flips
 from bench import editing as bench_editing
 from bench import paired as bench_paired
 from workers.editing import arch
@@ -450,6 +450,47 @@ def test_paired_comparison(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "p" / "paired.json").read_text())["records"] == 40
 
 
+def _entropy_summary(path: Path, unedited: list[float], edited: list[float]) -> Path:
+    path.mkdir()
+    data = {"unedited": {"fluency_entropies": unedited},
+            "checkpoints": [{"fluency_entropies": edited}]}  # fmt: skip
+    (path / "summary.json").write_text(json.dumps(data))
+    return path / "summary.json"
+
+
+def test_fluency_flips_count_falls_and_rises_per_prompt(tmp_path: Path) -> None:
+    base = [6.4, 6.3, 4.0, 3.5, 5.5]
+    # both runs: the two diverse texts fall into loops, the two looping ones climb out
+    a1 = _entropy_summary(tmp_path / "a1", base, [4.0, 5.0, 5.5, 3.6, 5.5])
+    a2 = _entropy_summary(tmp_path / "a2", base, [6.4, 4.5, 5.0, 5.0, 5.4])
+    g = fluency_flips.group_flips([a1, a2], flip=0.7)
+    assert g["drops"] == [1, 2, 0, 0, 0] and g["rises"] == [0, 0, 2, 1, 0]
+    assert g["fallers"] == [0, 1] and g["risers"] == [2, 3]
+    assert g["unedited_median_fallers"] == pytest.approx(6.35)
+    assert g["runs"][0]["n_dropped"] == 2 and g["runs"][0]["dropped"] == pytest.approx(-3.7)
+    assert g["runs"][0]["net"] == pytest.approx((-2.4 - 1.3 + 1.5 + 0.1) / 5)
+    # random noise results count one run per seed
+    noise = tmp_path / "noise.json"
+    noise.write_text(json.dumps({"unedited": {"fluency_entropies": base}, "runs": [
+        {"seed": 0, "entropies": [4.0, 6.3, 4.0, 3.5, 5.5]},
+        {"seed": 1, "entropies": [6.4, 6.3, 4.0, 3.5, 5.5]}]}))  # fmt: skip
+    assert fluency_flips.group_flips([noise], flip=0.7)["drops"] == [1, 0, 0, 0, 0]
+    assert fluency_flips.overlap([0, 1], [1, 3], 5) == {"shared": 1, "expected_by_chance": 0.8}
+    out = tmp_path / "out"
+    argv = ["--a", str(a1), str(a2), "--b", str(a1), "--noise", str(noise), "--out", str(out)]
+    assert fluency_flips.main(argv) == 0
+    written = json.loads((out / "fluency-flips.json").read_text())
+    assert written["shared_fallers_A_B"]["shared"] == 2  # A and B (a1 alone): prompts 0 and 1
+    assert (out / "fluency-flips.png").read_bytes()[:4] == b"\x89PNG"
+    short = _entropy_summary(tmp_path / "short", base[:3], base[:3])
+    with pytest.raises(SystemExit, match="prompts"):
+        fluency_flips.group_flips([a1, short], flip=0.7)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"unedited": {}, "checkpoints": [{}]}))
+    with pytest.raises(SystemExit, match="no per-prompt"):
+        fluency_flips.group_flips([old], flip=0.7)
+
+
 class FailingEditor(RankOneEditor):
     """Computes a real change, then fails while applying it: Editor.apply must roll it back."""
 
@@ -743,3 +784,6 @@ def test_fluency_noise_bench_restores_the_model(tmp_path: Path) -> None:
     assert (tmp_path / "fluency-noise.png").read_bytes()[:4] == b"\x89PNG"
     written = json.loads((tmp_path / "fluency-noise.json").read_text())
     assert written["runs"] == result["runs"]
+    # per-prompt entropies for bench.fluency_flips, one list per seed
+    assert len(written["unedited"]["fluency_entropies"]) == 3
+    assert all(len(r["entropies"]) == 3 for r in written["runs"])
