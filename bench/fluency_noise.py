@@ -8,8 +8,10 @@ into a repetition loop or out of one. Each seed adds Gaussian noise with ‖N‖
 down-projection of every LOKI candidate layer (no edit, no direction that means anything), then
 reads fluency on the first 25 prompts (the set figures were read on until session 13) and on all
 of them, and perplexity on the fixed text. The spread of the ratios across seeds is how much a
-fluency figure can move for reasons that have nothing to do with the edits. Writes
-``fluency-noise.json`` and ``fluency-noise.png``.
+fluency figure can move for reasons that have nothing to do with the edits. ``--layer-scales``
+gives each layer its own scale, e.g. the relative change a run's edits left there: what noise
+of the edits' own size costs. Writes ``fluency-noise.json`` (with each seed's per-prompt
+entropies, for ``bench.fluency_flips``) and ``fluency-noise.png``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def spread(values: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scale", type=float, default=0.25, help="‖noise‖ / ‖W₀‖ per layer")
+    p.add_argument(
+        "--layer-scales",
+        help="one scale per candidate layer, comma-separated, instead of --scale: e.g. the "
+        "relative change ‖W − W₀‖/‖W₀‖ a run's edits left in each layer",
+    )
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--prompts", type=int, help="use only the first N fluency prompts")
     p.add_argument("--tokens", type=int, default=100, help="greedy tokens per prompt")
@@ -76,6 +83,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluator = Evaluator.for_fluency(model, tok, tokens=args.tokens, prompts=args.prompts)
     prompts = evaluator.prompts
     layers = LokiConfig().resolve_layers(arch.num_layers(model))
+    scales = [args.scale] * len(layers)
+    if args.layer_scales:
+        try:
+            scales = [float(x) for x in args.layer_scales.split(",")]
+        except ValueError:
+            p.error(f"--layer-scales {args.layer_scales!r}: expected numbers separated by commas")
+        if len(scales) != len(layers) or min(scales) <= 0:
+            p.error(f"--layer-scales: need {len(layers)} positive scales, one per layer {layers}")
     weights = [arch.down_proj(model, layer).weight for layer in layers]
     originals = [w.detach().clone() for w in weights]
     base = evaluator.entropies(full=True)
@@ -87,9 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in tqdm(range(args.seeds), desc="noise seeds", unit="seed"):
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                for w, w0 in zip(weights, originals, strict=True):
+                for w, w0, scale in zip(weights, originals, scales, strict=True):
                     noise = torch.randn(w0.shape, generator=gen).to(w0)
-                    w.copy_(w0 + noise * (args.scale * w0.norm() / noise.norm()))
+                    w.copy_(w0 + noise * (scale * w0.norm() / noise.norm()))
             got = evaluator.entropies(full=True)
             runs.append(
                 {
@@ -108,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "model": loaded.name,
         "layers": list(layers),
-        "scale": args.scale,
+        "scale": args.scale if not args.layer_scales else None,
+        "layer_scales": dict(zip(map(str, layers), scales, strict=True)),
         "prompts": len(prompts),
         "tokens": args.tokens,
         "unedited": {

@@ -13,7 +13,10 @@ k the text's MLP outputs move by
 It is read on the fixed perplexity text and on the held-out one, for subject keys of
 CounterFact records, at the default candidate layers. Beside it, how much of the prompt's
 response u keeps on the paraphrase's subject key (uᵀk_para / uᵀk, median): what a prior that
-buys its protection by narrowing u to the exact prompt would lose in generalisation.
+buys its protection by narrowing u to the exact prompt would lose in generalisation. And how
+much of the text's key energy lies along u per unit of ‖u‖², against a random direction
+(tr C_text / d): an accumulated change reads ordinary text like random weight noise of its
+norm when this is 1.
 Priors: none (α only), the model's own text in each ``self_text_style``, and the baselines'
 shipped prose (K₀: AlphaEdit and MEMIT protect exactly this, which LOKI may not read).
 """
@@ -61,6 +64,15 @@ def leakage(u: torch.Tensor, keys: torch.Tensor, text_moment: torch.Tensor) -> t
     """Per key: uᵀ C_text u / (uᵀk)²."""
     own = (u * keys.double().T).sum(0)
     return (u * (text_moment.double() @ u)).sum(0) / own**2
+
+
+def against_random(u: torch.Tensor, text_moment: torch.Tensor) -> torch.Tensor:
+    """Per key: the text's key energy along u per unit ‖u‖², over a random direction's
+    (tr C_text / d). 1 means ordinary text reads u as much as it reads random weight noise of
+    the same norm."""
+    c = text_moment.double()
+    along = (u * (c @ u)).sum(0) / (u * u).sum(0)
+    return along / (torch.trace(c) / c.shape[0])
 
 
 def paraphrase_response(u: torch.Tensor, keys: torch.Tensor, para: torch.Tensor) -> torch.Tensor:
@@ -128,15 +140,17 @@ def main(argv: list[str] | None = None) -> None:
             )
             for text, moment in texts.items():
                 row[f"leakage_{text}_layer{layer}"] = float(leakage(u, k, moment[layer]).mean())
+                row[f"random_{text}_layer{layer}"] = float(against_random(u, moment[layer]).mean())
             response = paraphrase_response(u[:, with_para], k[with_para], para[layer].cpu())
             row[f"paraphrase_layer{layer}"] = float(response.median())
-        for key in ("leakage_fixed", "leakage_heldout", "paraphrase"):
+        for key in (*(f"{m}_{t}" for m in ("leakage", "random") for t in texts), "paraphrase"):
             row[key] = sum(float(row[f"{key}_layer{layer}"]) for layer in layers) / len(layers)
         rows.append(row)
         print(
             f"{name:36s} leakage fixed {row['leakage_fixed'] * 1e3:.3f}e-3 "
             f"held-out {row['leakage_heldout'] * 1e3:.3f}e-3 "
-            f"paraphrase {row['paraphrase']:.3f}",
+            f"paraphrase {row['paraphrase']:.3f}; against a random direction "
+            f"fixed {row['random_fixed']:.2f}× held-out {row['random_heldout']:.2f}×",
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)

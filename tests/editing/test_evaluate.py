@@ -590,7 +590,13 @@ def test_keyspace_editable_share_and_eigen_basis() -> None:
 
 
 def test_prior_leakage_reads_what_a_prior_keeps_off_the_text() -> None:
-    from bench.prior_leakage import input_directions, leakage, paraphrase_response, second_moment
+    from bench.prior_leakage import (
+        against_random,
+        input_directions,
+        leakage,
+        paraphrase_response,
+        second_moment,
+    )
 
     keys = torch.tensor([[1.0, 1.0, 0.0]])  # the subject's key
     text = second_moment(torch.tensor([[0.0, 2.0, 0.0], [0.0, -2.0, 0.0]]))  # text uses axis 1
@@ -605,6 +611,13 @@ def test_prior_leakage_reads_what_a_prior_keeps_off_the_text() -> None:
     para = torch.tensor([[0.0, 2.0, 0.0]])
     assert paraphrase_response(bare, keys, para).item() == pytest.approx(1.0)
     assert paraphrase_response(steered, keys, para).item() < 0.1
+    # against a random direction (tr C / d = 4/3): u = (1, 1, 0)/√2 reads 2 of it, 1.5×; the
+    # steered u hardly reads the text at all, whatever its norm
+    assert against_random(bare, text).item() == pytest.approx(1.5)
+    assert against_random(3 * steered, text).item() == pytest.approx(
+        against_random(steered, text).item()
+    )
+    assert against_random(steered, text).item() < 0.1
 
 
 def test_edit_phases_cli_times_every_phase(tmp_path: Path) -> None:
@@ -787,3 +800,10 @@ def test_fluency_noise_bench_restores_the_model(tmp_path: Path) -> None:
     # per-prompt entropies for bench.fluency_flips, one list per seed
     assert len(written["unedited"]["fluency_entropies"]) == 3
     assert all(len(r["entropies"]) == 3 for r in written["runs"])
+    # one scale per layer: equal scales draw the same noise as --scale
+    same = fluency_noise.main([*argv[2:-1], str(tmp_path / "per-layer"), "--layer-scales",
+                               "0.25,0.25,0.25,0.25"])  # fmt: skip
+    assert [r["ppl_ratio"] for r in same["runs"]] == [r["ppl_ratio"] for r in result["runs"]]
+    assert same["layer_scales"] == {"3": 0.25, "4": 0.25, "5": 0.25, "6": 0.25}
+    with pytest.raises(SystemExit):
+        fluency_noise.main([*argv, "--layer-scales", "0.25,0.3"])
