@@ -12,8 +12,7 @@ the unedited text's entropy: whether the same prompts flip whatever the edits we
 it is the diverse texts that fall and the looping ones that recover. Runs must share the prompt
 set (``fluency_entropies`` in ``summary.json``). ``--noise`` adds ``bench.fluency_noise``
 results, one run per seed: whether random weight change of a like perplexity cost flips the
-same prompts. Writes
-``fluency-flips.json`` and ``fluency-flips.png``.
+same prompts. Writes ``fluency-flips.json`` and ``fluency-flips.png``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from bench.cli import add_threads, use_threads
-from bench.editing import FIRST_PROMPTS, Evaluator
+from bench.editing import FIRST_PROMPTS, Evaluator, stored_entropies
 from bench.plots import pyplot, save_figure
 from workers.editing import arch
 from workers.editing.evaluate import perplexity
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "ratio": statistics.fmean(got) / statistics.fmean(base),
                     "ratio_first": statistics.fmean(got[:first]) / statistics.fmean(base[:first]),
                     "ppl_ratio": perplexity(model, tok, max_tokens=args.ppl_tokens) / base_ppl,
-                    "entropies": [round(e, 5) for e in got],  # for bench.fluency_flips
+                    "entropies": stored_entropies(got),  # for bench.fluency_flips
                 }
             )
     finally:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "unedited": {
             "fluency": statistics.fmean(base),
             "perplexity": base_ppl,
-            "fluency_entropies": [round(e, 5) for e in base],
+            "fluency_entropies": stored_entropies(base),
         },
         # read once the noise is taken off again: equal to the unedited figure
         "perplexity_restored": perplexity(model, tok, max_tokens=args.ppl_tokens),
