@@ -53,8 +53,9 @@ DEFAULT_DATA = {
 }
 METRICS = (*EDIT_METRICS, "fluency", "perplexity", "perplexity_heldout")
 # Fluency was read on the shipped file's first 25 prompts until session 13; on them a rerun of
-# one 200-edit setting read 1.017× where the first run read 0.970× (README, "How much a 200-edit
-# figure moves between runs"), so the file now holds 100 and the first 25 are still reported.
+# one 200-edit setting read 1.017× where the first run read 0.970× (loki-log.md, "How much a
+# 200-edit figure moves between runs"), so the file now holds 100 and the first 25 are still
+# reported.
 FIRST_PROMPTS = 25
 CHECKPOINT_PROMPTS = 10
 

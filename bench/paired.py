@@ -9,7 +9,7 @@ over every run given, so several slices of 200 edits add up to one comparison. P
 for the mean of efficacy, generalisation and specificity it reports A − B with a 95% bootstrap
 interval over the matched records (the same records resampled on both sides, which removes the
 spread between easy and hard records that two unpaired figures carry). A 200-edit figure moves
-by one or two points between runs that differ only in rounding (README, "How much a 200-edit
+by one or two points between runs that differ only in rounding (loki-log.md, "How much a 200-edit
 figure moves between runs"); this interval does not see that run-to-run spread, only the
 sampling of records, so a difference inside it is not a difference.
 """

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     version_store: Path = Path("./var/versions")
     editor: str = "loki"
-    # Fields of the method's config, as JSON: {"trim_min_prob": 0.5} (README "Trim"). Unknown
+    # Fields of the method's config, as JSON: {"trim_min_prob": 0.5} (loki-log.md, "Trim"). Unknown
     # names and values of the wrong kind stop start-up here; ranges that depend on the model
     # (a layer index, ...) stop the worker when it builds the editor.
     editor_options: dict[str, str] = Field(default_factory=dict)

@@ -254,7 +254,7 @@ def fixed_text() -> str:
 def heldout_text() -> str:
     """A second perplexity text (~2k tokens, written for the project, mixed registers) that no
     method reads: the drift of one text is dominated by a few edits meeting a few of its tokens
-    (README, "A smaller v* spends less"), so one text alone can flatter or wrong a method.
+    (loki-log.md, "A smaller v* spends less"), so one text alone can flatter or wrong a method.
     k0_text.txt would not do: MEMIT and AlphaEdit protect exactly that text."""
     return (DATA_DIR / "heldout_text.txt").read_text(encoding="utf-8")
 

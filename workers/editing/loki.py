@@ -1,6 +1,6 @@
 """LOKI: lifelong knowledge editing with per-edit layer selection and null-space-projected updates.
 
-Per edit (DESIGN §3, with the changes measured in README "LOKI"):
+Per edit (DESIGN §3, with the changes measured in docs/loki-log.md, cited below as loki-log.md):
 1. observations: the edit prompt in several model-generated contexts (+ given rephrasings);
 2. layer selection: the top-k candidate layers by the HSIC bottleneck score;
 3. the target: gradient descent on a residual-stream vector at the subject's last token after the
@@ -81,7 +81,7 @@ class LokiConfig:
     # side of the default range (1–2 and 7–8 on SmolLM2), () = none. Off: over 1,000 edits
     # (docs/bench/loki-1000-reserve) the reserves opened at edit ~500 and took most edits at
     # once, and perplexity reached 7.8× unedited against 2.4× without them; layers 1, 2, 7 and
-    # 8 cost 2–9× more per edit than layer 3 (README, "Where an edit is cheapest"). (A fixed
+    # 8 cost 2–9× more per edit than layer 3 (loki-log.md, "Where an edit is cheapest"). (A fixed
     # score handicap does not work either: layer 2's HSIC score sits ~0.7 above layers 3–6.)
     reserve_layers: tuple[int, ...] | None = ()
     reserve_from: float = 0.6
@@ -98,7 +98,7 @@ class LokiConfig:
     # to the ridge (soft, MEMIT-style: ordinary outputs move as little as the edit allows).
     # λ = 300 puts the prior's mean eigenvalue at 0.3–0.6 of α on SmolLM2; at 3000 it
     # outweighed the past edits' keys and bought nothing. With weight_rel_threshold 0.5
-    # (README "A lighter self-text prior"), 200 CounterFact edits, records 0–199 / 5000–5199 /
+    # (loki-log.md, "A lighter self-text prior"), 200 CounterFact edits, records 0–199 / 5000–5199 /
     # 2000–2199: perplexity 1.08× / 1.09× / 1.08× → 1.04× / 1.06× / 1.05×, held-out text
     # 1.16× / 1.16× / 1.19× → 1.10× / 1.10× / 1.09×, edit-metric mean 0.850 / 0.853 / 0.850 →
     # 0.852 / 0.842 / 0.843, fluency 1.00× / 0.99× / 0.99× → 0.97× / 0.97× / 0.98×; 1,000
@@ -111,7 +111,7 @@ class LokiConfig:
     # "openings": the model continues generic openings; "articles": it writes short encyclopedia
     # articles when asked through its chat template, text nearer ordinary prose (selftext.py).
     # Articles with self_text_tokens=8192 against openings with 4096 (the default before
-    # session 21), 200 CounterFact edits on records 0/2000/5000/7000/9000 (README "The model's
+    # session 21), 200 CounterFact edits on records 0/2000/5000/7000/9000 (loki-log.md, "The model's
     # own articles"): perplexity 1.039× / 1.059× / 1.053× / 1.048× / 1.047× against 1.039× /
     # 1.070× / 1.068× / 1.044× / 1.054×, held-out text lower on all five, edit-metric mean
     # −0.002 (−0.009 to +0.005) over the 1,000 records; 1,000 edits on records 0–999: 0.953 /
@@ -130,7 +130,7 @@ class LokiConfig:
     # takes its part of what is still missing (1: MEMIT's equal shares). What a lower layer
     # writes reaches v*'s layer attenuated, so with equal shares the deepest layer carries the
     # most (median output 25 / 29 / 35 / 43 at layers 3–6 over 200 edits), and a complete edit
-    # costs layer 3 a third of what it costs layers 4–6 (README "Where an edit is cheapest").
+    # costs layer 3 a third of what it costs layers 4–6 (loki-log.md, "Where an edit is cheapest").
     # Yet at 0.5 the lower layers must write so much more (Σ‖ΔW‖² +43% over 200 edits) that
     # they drift fast and the capacity term hands nearly every edit to layers 5–6: records
     # 2000–2199 / 5000–5199, perplexity 1.070× / 1.068× → 1.060× / 1.060×, but held-out text
@@ -168,7 +168,7 @@ class LokiConfig:
     # so an edit delivers more than the edit prompt needs, and the drift grows faster than the
     # change (the accumulated change scaled by 0.75 cost a third of the perplexity,
     # docs/bench/drift-200). What the trim takes away is the margin paraphrases need: 200
-    # CounterFact edits (records 0–199, README "Trim"), eff / gen / spec, perplexity, fluency:
+    # CounterFact edits (records 0–199, loki-log.md, "Trim"), eff / gen / spec, perplexity, fluency:
     # off 0.98 / 0.905 / 0.665, 1.08×, 1.00×; 0.85 the same; 0.7 0.98 / 0.87 / 0.65, 1.05×,
     # 1.04×; 0.6 with 8 contexts 0.98 / 0.875 / 0.69, 1.07×, 0.97×; 0.5 0.975 / 0.83 / 0.685,
     # 1.04×, 0.99×; 0.3 no lower, fluency 0.95×. Off by default: at 0.5 the Eiffel Tower edit no
@@ -181,9 +181,9 @@ class LokiConfig:
     # edit), both read as one token: the old answer's where the two first differ. A proxy for
     # what the evaluation compares (target against truth, mean over all tokens), which a
     # probability floor does not look at. 200 CounterFact edits with a lead of 4 in 8 contexts
-    # (README "Trim"): records 0–199 0.985 / 0.865 / 0.685, perplexity 1.047×, fluency 1.00×;
+    # (loki-log.md, "Trim"): records 0–199 0.985 / 0.865 / 0.685, perplexity 1.047×, fluency 1.00×;
     # records 5000–5199 0.985 / 0.87 / 0.695, 1.07×, 0.95× (trim off: 1.09×, 0.99×). Over the
-    # present null space and prior (README "The lead trim on top of the new default"):
+    # present null space and prior (loki-log.md, "The lead trim on top of the new default"):
     # perplexity 1.042× / 1.047× / 1.041× on records 0–199 / 5000–5199 / 2000–2199, mean kept,
     # but fluency 0.966× on records 0–199 (100 prompts). Off by default: that fluency, its
     # ~1 s per edit, and no 1,000-edit run with it yet.
@@ -195,14 +195,14 @@ class LokiConfig:
     # contexts the subject key is averaged over (the update's input direction, and the past keys
     # later edits are kept off): v*'s own, then more prefixes generated the same way. Forward
     # passes only, so more of them cost little; None: v*'s n_contexts. 12 on 200 CounterFact
-    # edits (README "Session 18"): no difference beyond run-to-run noise, so off.
+    # edits (loki-log.md, "Session 18"): no difference beyond run-to-run noise, so off.
     key_contexts: int | None = None
     # A second attempt for an edit that did not take (target not top-1 in every context), with
     # v* as large as MEMIT and AlphaEdit make it (‖δ‖ ≤ retry_clamp_norm_factor·‖h‖, no NLL
     # stop) and up to retry_refine_steps MPES steps at retry_refine_lr. The edits that fail
     # are hard ones, not unlucky ones: 10 of the 15 that LOKI rejected on CounterFact records
     # 0–199 and 2000–2199 also fail on the unedited model, and the retry takes 13 of those 15
-    # there (README "A second attempt"). 200 edits, records 0–199 / 2000–2199: rejected 7 / 8
+    # there (loki-log.md, "A second attempt"). 200 edits, records 0–199 / 2000–2199: rejected 7 / 8
     # → 2 / 1, efficacy 0.98 / 0.975 → 1.00 / 1.00, edit-metric mean 0.860 / 0.857 → 0.868 /
     # 0.860, perplexity 1.040× / 1.057× → 1.043× / 1.065×; 6–7 edits of 200 retried. The
     # rescued edits are large: over 1,000 edits efficacy 0.937 → 0.947 but specificity 0.636
@@ -215,7 +215,7 @@ class LokiConfig:
     edit_norm: float = 0.1  # per-edit ‖ΔW‖ ≤ edit_norm · ‖W₀‖
     # cumulative ‖W − W₀‖ ≤ this · ‖W₀‖. The drift grows like √edits: at 0.5 the most used
     # layer was full by edit ~400 of the 1,000-edit run and per-edit success fell to 0.55 by
-    # edit 600 (README "1,000 edits"); the service's edit guard still refuses any single edit
+    # edit 600 (loki-log.md, "1,000 edits"); the service's edit guard still refuses any single edit
     # that costs too much perplexity.
     max_relative_change: float = 1.0
     seed: int = 0

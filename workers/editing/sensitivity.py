@@ -10,8 +10,8 @@ distribution, so the outer product of its log-likelihood gradients estimates F w
 On SmolLM2 at layers 3–6 (4k self-sampled tokens) F is uneven but far from degenerate: 90% of
 its trace lies in ~380 of 576 directions, and the v* directions of 100 unpenalised CounterFact
 edits were 1.02–1.14× as sensitive as an average direction. Used as a penalty on v*
-(``TargetValueConfig.sensitivity_weight``) it did not lower perplexity after 200 edits (README,
-"A sensitivity penalty on v*"), so LOKI leaves it off.
+(``TargetValueConfig.sensitivity_weight``) it did not lower perplexity after 200 edits
+(docs/loki-log.md, "A sensitivity penalty on v*"), so LOKI leaves it off.
 
 The result is normalised to mean eigenvalue 1 (trace = d_model), so rᵀF̂r/‖r‖² is "times as
 sensitive as an average direction", and cached in ``var/stats`` like the key statistics.
