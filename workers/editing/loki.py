@@ -215,8 +215,8 @@ class LokiConfig:
     edit_norm: float = 0.1  # per-edit ‖ΔW‖ ≤ edit_norm · ‖W₀‖
     # cumulative ‖W − W₀‖ ≤ this · ‖W₀‖. The drift grows like √edits: at 0.5 the most used
     # layer was full by edit ~400 of the 1,000-edit run and per-edit success fell to 0.55 by
-    # edit 600 (loki-log.md, "1,000 edits"); the service's edit guard still refuses any single edit
-    # that costs too much perplexity.
+    # edit 600 (loki-log.md, "The first 1,000-edit run"); the service's edit guard still
+    # refuses any single edit that costs too much perplexity.
     max_relative_change: float = 1.0
     seed: int = 0
 
