@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from workers.editing.baselines.alphaedit import alphaedit_update
+from workers.editing.consolidate import least_energy_drift
 from workers.editing.delta import MatrixDelta
 from workers.editing.hsic import bottleneck_scores, nhsic
 from workers.editing.loki import LokiConfig
@@ -208,6 +209,7 @@ def test_full_rank_change_stays_dense() -> None:
         (LokiConfig(spread_decay=1.5), "spread_decay"),
         (LokiConfig(spread_decay=float("nan")), "spread_decay"),
         (LokiConfig(key_contexts=0), "key_contexts"),
+        (LokiConfig(consolidate_every=-1), "consolidate_every"),
     ],
 )
 def test_config_refuses_bad_values(config: LokiConfig, field: str) -> None:
@@ -275,3 +277,38 @@ def test_request_placeholder_and_literal_forms_agree() -> None:
     assert a.text == b.text == "Rome is located in"
     assert a.template == b.template == "{} is located in"
     assert a.target == " Italy"
+
+
+def test_consolidation_keeps_every_edit_key_and_spends_less() -> None:
+    torch.manual_seed(0)
+    d_in, d_out, n = 40, 12, 6
+    q = torch.linalg.qr(torch.randn(d_in, 5)).Q
+    projector = Projector(q.double())
+    keys = torch.randn(n, d_in)
+    # what sequential edits leave: a sum of rank-1 changes in the null space, each reading its
+    # own key plus whatever else its solve picked
+    drift = sum(
+        torch.randn(d_out, 1, dtype=torch.float64)
+        @ projector.apply((keys[i] + torch.randn(d_in)).double()[None])
+        for i in range(n)
+    ).float()
+    out = least_energy_drift(drift, keys, projector, l2=1.0)
+    assert torch.allclose(out @ keys.T, drift @ keys.T, atol=1e-4)
+    assert (out @ q).abs().max() < 1e-5  # still in the null space
+    assert out.norm() < 0.9 * drift.norm()
+    assert torch.allclose(least_energy_drift(out, keys, projector, l2=1.0), out, atol=1e-4)
+
+    b = torch.randn(d_in, d_in, dtype=torch.float64)
+    prior = projector.apply(projector.apply(b @ b.T).T)
+
+    def energy(x: torch.Tensor) -> float:
+        x = x.double()
+        return float(torch.trace(x @ prior @ x.T) + x.pow(2).sum())
+
+    weighted = least_energy_drift(drift, keys, projector, l2=1.0, prior=prior)
+    assert torch.allclose(weighted @ keys.T, drift @ keys.T, atol=1e-4)
+    assert energy(weighted) <= energy(out) + 1e-6
+    assert energy(weighted) < energy(drift)
+    assert not least_energy_drift(drift, keys[:0], projector, l2=1.0).any()
+    with pytest.raises(ValueError, match="keys"):
+        least_energy_drift(drift, keys[:, :5], projector, l2=1.0)

@@ -394,3 +394,39 @@ def test_the_probe_reads_each_target_tokens_lead_over_the_best_other_token(
     assert got.top_gaps[0] == pytest.approx(float(logits[paris] - best_other.max()), abs=1e-3)
     assert got.top_gaps[1] == pytest.approx(float(logits[rome] - logits.max()), abs=1e-3)
     assert got.top_gaps[0] > 0 > got.top_gaps[1]
+
+
+@pytest.mark.slow
+def test_consolidation_re_solves_every_layer_and_keeps_the_edits(
+    loaded_model: LoadedModel, editor: LokiEditor
+) -> None:
+    model, tok = loaded_model.model, loaded_model.tokenizer
+    # the fixture's editor restores the weights afterwards; this one consolidates every 2 edits
+    consolidating = LokiEditor(model, tok, LokiConfig(consolidate_every=2))
+    toko = EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new="piano")
+    first = consolidating.apply([EDIT])
+    assert first.success and not first.consolidated
+    assert all(d.rank == 1 for d in first.deltas)
+    before = {layer: consolidating.drift(layer) for layer in consolidating.layers}
+
+    second = consolidating.apply([toko])
+
+    assert second.success and second.consolidated and second.summary()["consolidated"]
+    assert {d.name for d in second.deltas} == set(consolidating.names.values())
+    assert all(d.dense is not None for d in second.deltas)
+    for layer in consolidating.layers:
+        drift = consolidating.drift(layer)
+        name = consolidating.names[layer]
+        assert result_close(second.relative_change[name], consolidating.relative_drift(layer))
+        assert second.delta_norm[name] == pytest.approx(float((drift - before[layer]).norm()))
+        basis = consolidating.weight_basis(layer)
+        assert (drift @ basis).abs().max() <= 1e-4 * drift.abs().max()
+    assert greedy_continuation(model, tok, EDIT.text, 4).strip().startswith("Rome")
+    assert greedy_continuation(model, tok, toko.text, 2).strip().startswith("piano")
+    assert consolidating.n_edits == 2 and all(
+        consolidating.cached_keys(layer) == 2 for layer in consolidating.layers
+    )
+
+
+def result_close(reported: float, actual: float) -> bool:
+    return reported == pytest.approx(actual, rel=1e-4)

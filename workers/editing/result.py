@@ -33,6 +33,8 @@ class EditResult:
     # False; relative_change is then what the change would have made of them
     applied: bool = True
     attempts: int = 1  # LOKI's retry: 2 when the first attempt did not take
+    # LOKI's consolidation: the deltas also re-solve every layer's accumulated change
+    consolidated: bool = False
 
     @property
     def selected_layers(self) -> list[int]:
@@ -56,4 +58,5 @@ class EditResult:
             "trim_scale": self.trim_scale,
             "applied": self.applied,
             "attempts": self.attempts,
+            "consolidated": self.consolidated,
         }
