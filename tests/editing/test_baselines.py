@@ -295,23 +295,28 @@ def test_second_moments_are_cached_per_model_layer_and_sample_count(
 
 
 def test_self_sampled_moments_are_deterministic_and_cached_apart_from_the_text_ones(
-    lm: LoadedModel, tmp_path: Path
+    lm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = key_second_moments(
-        lm.model, lm.tokenizer, [2], max_tokens=32, cache_dir=tmp_path, source="self"
-    )
-    [path] = list(tmp_path.iterdir())
+    def moments(layers: list[int]) -> dict[int, torch.Tensor]:
+        stats._memo.clear()  # force the disk path
+        return key_second_moments(
+            lm.model, lm.tokenizer, layers, max_tokens=32, cache_dir=tmp_path, source="self"
+        )
+
+    first = moments([2])
+    sampled, path = sorted(tmp_path.iterdir(), key=lambda p: p.suffix)
     assert path.name.startswith("smollm2-135m-instruct-self-layer2-n")
-    stats._memo.clear()
-    cached = key_second_moments(
-        lm.model, lm.tokenizer, [2], max_tokens=32, cache_dir=tmp_path, source="self"
-    )
-    assert torch.equal(first[2], cached[2])
+    assert sampled.name.startswith("smollm2-135m-instruct-self-n") and sampled.suffix == ".json"
+    assert torch.equal(first[2], moments([2])[2])
+    # a layer asked for later reads the kept text: no second sampling, the same statistics
     path.unlink()
-    stats._memo.clear()
-    resampled = key_second_moments(
-        lm.model, lm.tokenizer, [2], max_tokens=32, cache_dir=tmp_path, source="self"
-    )
+    with monkeypatch.context() as patch:
+        patch.setattr(stats, "self_text_chunks", lambda *a, **k: pytest.fail("sampled again"))
+        both = moments([2, 3])
+    assert torch.equal(first[2], both[2]) and both[3].shape == first[2].shape
+    for cached in tmp_path.iterdir():
+        cached.unlink()
+    resampled = moments([2])
     assert torch.equal(first[2], resampled[2])  # seeded sampling: the same text again
     text = key_second_moments(lm.model, lm.tokenizer, [2], max_tokens=300, cache_dir=tmp_path)
     assert not torch.allclose(text[2], first[2])

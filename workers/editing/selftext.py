@@ -8,9 +8,10 @@ Sampling the model from a handful of generic openings and reading its MLP keys o
 output needs nothing outside the weights either, and the dominant directions of those keys
 cover prose as well as AlphaEdit's shipped-prose statistics do (17–19% editable against 13–39%).
 
-Sampling is seeded, EOS is held off so every row has the same length, and the result is cached
-on disk by ``workers.editing.stats``; generation runs once per model (~35 s for 4k tokens on
-two CPU cores).
+Sampling is seeded, EOS is held off so every row has the same length, and both the sampled
+tokens and the statistics read on them are cached on disk by ``workers.editing.stats``;
+generation runs once per model (~35 s for 4k tokens on two CPU cores), whichever layers are
+asked for later.
 """
 
 from __future__ import annotations
