@@ -15,6 +15,29 @@ from workers.worker import EditWorker, set_resident
 
 log = logging.getLogger(__name__)
 
+# How long rq's command-channel thread waits per poll: bounds how long a stop can take.
+PUBSUB_POLL_SECONDS = 1.0
+
+
+class EditQueueWorker(SimpleWorker):
+    """rq's SimpleWorker (jobs run in this process, beside the resident model), with a
+    command-channel thread that notices a stop within ``PUBSUB_POLL_SECONDS``.
+
+    rq 3 starts that thread with a 60 s poll, and redis-py 8's ``PubSubWorkerThread.stop()``
+    joins it without a timeout. When the thread had already read the unsubscribe reply, it
+    sat in a 60 s wait for a new subscription, and ``lokid worker`` took up to a minute to
+    exit after SIGINT/SIGTERM (``docker stop`` kills after 10 s)."""
+
+    def subscribe(self) -> None:
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=PUBSUB_POLL_SECONDS,
+            daemon=True,
+            exception_handler=self._pubsub_exception_handler,
+        )
+
 
 def run(settings: Settings, *, burst: bool = False, metrics_port: int | None = None) -> None:
     if settings.redis_url is None:
@@ -54,7 +77,7 @@ def run(settings: Settings, *, burst: bool = False, metrics_port: int | None = N
         "edit worker ready on queue %r at version %s", settings.queue_name, worker.live.version
     )
     try:
-        SimpleWorker([dispatcher.queue], connection=infra.redis).work(
+        EditQueueWorker([dispatcher.queue], connection=infra.redis).work(
             burst=burst, with_scheduler=False, logging_level="INFO"
         )
     finally:

@@ -6,14 +6,18 @@ Anything that stops a server uses a private instance (tests/service/private_serv
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
+from rq import Queue
 from sqlalchemy import func, select
 
 from app.core.config import load_settings
@@ -37,6 +41,7 @@ from tests.service.conftest import (
 )
 from tests.service.private_servers import PrivatePostgres
 from workers.editing.model import LoadedModel
+from workers.rq_main import PUBSUB_POLL_SECONDS, EditQueueWorker
 
 RECORDS = counterfact()
 LOKID = str(ROOT / ".venv" / "bin" / "lokid")
@@ -195,6 +200,23 @@ def test_redis_restarted_with_edits_queued(
         assert stack.workers["worker"].poll() is None, stack.log("worker")[-3000:]
     finally:
         stack.close()
+
+
+def test_worker_stops_promptly_when_its_command_thread_has_already_unsubscribed(
+    redis_db: redis.Redis,
+) -> None:
+    # the race that kept `lokid worker` alive up to 60 s after SIGINT: the command thread has
+    # read the unsubscribe reply and waits for a new subscription when the stop arrives
+    worker = EditQueueWorker([Queue(f"stop_{secrets.token_hex(4)}", connection=redis_db)],
+                             connection=redis_db)  # fmt: skip
+    worker.subscribe()
+    wait_for(lambda: worker.pubsub.subscribed, 10, "the command channel subscription")
+    worker.pubsub.unsubscribe()
+    wait_for(lambda: not worker.pubsub.subscribed, 10, "the thread to read the unsubscribe")
+    started = time.monotonic()
+    worker.unsubscribe()
+    assert time.monotonic() - started < 3 * PUBSUB_POLL_SECONDS + 1
+    assert not worker.pubsub_thread.is_alive()
 
 
 # -- lease units ---------------------------------------------------------------------------
