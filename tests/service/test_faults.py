@@ -202,6 +202,18 @@ def test_redis_restarted_with_edits_queued(
         stack.close()
 
 
+def test_sigterm_mid_edit_finishes_the_edit_then_exits(stack: Stack) -> None:
+    worker = stack.start_worker("worker")
+    stack.wait_log("worker", "Listening on")
+    edit_id = stack.submit(RECORDS[31])
+    wait_for(lambda: stack.edit(edit_id).status == EditStatus.running, 60, "the edit to start")
+    worker.send_signal(signal.SIGTERM)  # in the middle of the (3 s) edit: a warm shutdown
+    assert worker.wait(60) == 0, stack.log("worker")[-3000:]
+    done = stack.edit(edit_id)
+    assert done.status == EditStatus.applied and done.attempts == 1, done.error
+    assert stack.head() == done.version
+
+
 def test_worker_stops_promptly_when_its_command_thread_has_already_unsubscribed(
     redis_db: redis.Redis,
 ) -> None:
