@@ -3,6 +3,7 @@ only what the method says it touches, and leave the weights alone until applied.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -314,6 +315,9 @@ def test_self_sampled_moments_are_deterministic_and_cached_apart_from_the_text_o
         patch.setattr(stats, "self_text_chunks", lambda *a, **k: pytest.fail("sampled again"))
         both = moments([2, 3])
     assert torch.equal(first[2], both[2]) and both[3].shape == first[2].shape
+    sampled.write_text("{not json")  # a damaged file is sampled again, not a crash
+    path.unlink()
+    assert torch.equal(first[2], moments([2])[2]) and json.loads(sampled.read_text())["chunks"]
     for cached in tmp_path.iterdir():
         cached.unlink()
     resampled = moments([2])

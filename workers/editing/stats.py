@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -42,6 +43,8 @@ from workers.editing.selftext import (
     self_text_id,
     self_text_length,
 )
+
+log = logging.getLogger(__name__)
 
 TEXT_PATH = Path(__file__).parent / "data" / "k0_text.txt"
 CHUNK_TOKENS = 128
@@ -215,9 +218,12 @@ def sampled_chunks(
     most of the statistics' cost (~75 s for 8k tokens on two cores), and a layer first asked for
     later (a reserve layer, another candidate set) then needs only a forward pass over them."""
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("text_sha256") == sha:
-            return [list(map(int, chunk)) for chunk in stored["chunks"]]
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if stored.get("text_sha256") == sha:
+                return [list(map(int, chunk)) for chunk in stored["chunks"]]
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            log.warning("%s: unreadable (%s); sampling the text again", path, error)
     chunks = self_text_chunks(model, tokenizer, max_tokens, style=style)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps({"text_sha256": sha, "chunks": chunks}).encode())
