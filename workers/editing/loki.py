@@ -213,6 +213,7 @@ class LokiConfig:
     retry_clamp_norm_factor: float = 0.75
     retry_refine_steps: int = 30
     retry_refine_lr: float = 0.1
+    # 3 left more edits untaken for no perplexity gain (loki-log.md, "A heavier KL term in MPES")
     kl_weight: float = 1.0
     edit_norm: float = 0.1  # per-edit ‖ΔW‖ ≤ edit_norm · ‖W₀‖
     # cumulative ‖W − W₀‖ ≤ this · ‖W₀‖. The drift grows like √edits: at 0.5 the most used
