@@ -417,7 +417,9 @@ def test_consolidation_re_solves_every_layer_and_keeps_the_edits(
     for layer in consolidating.layers:
         drift = consolidating.drift(layer)
         name = consolidating.names[layer]
-        assert result_close(second.relative_change[name], consolidating.relative_drift(layer))
+        assert second.relative_change[name] == pytest.approx(
+            consolidating.relative_drift(layer), rel=1e-4
+        )
         assert second.delta_norm[name] == pytest.approx(float((drift - before[layer]).norm()))
         basis = consolidating.weight_basis(layer)
         assert (drift @ basis).abs().max() <= 1e-4 * drift.abs().max()
@@ -426,7 +428,3 @@ def test_consolidation_re_solves_every_layer_and_keeps_the_edits(
     assert consolidating.n_edits == 2 and all(
         consolidating.cached_keys(layer) == 2 for layer in consolidating.layers
     )
-
-
-def result_close(reported: float, actual: float) -> bool:
-    return reported == pytest.approx(actual, rel=1e-4)

@@ -219,8 +219,8 @@ def test_worker_stops_promptly_when_its_command_thread_has_already_unsubscribed(
 ) -> None:
     # the race that kept `lokid worker` alive up to 60 s after SIGINT: the command thread has
     # read the unsubscribe reply and waits for a new subscription when the stop arrives
-    worker = EditQueueWorker([Queue(f"stop_{secrets.token_hex(4)}", connection=redis_db)],
-                             connection=redis_db)  # fmt: skip
+    queue = Queue(f"stop_{secrets.token_hex(4)}", connection=redis_db)
+    worker = EditQueueWorker([queue], connection=redis_db)
     worker.subscribe()
     wait_for(lambda: worker.pubsub.subscribed, 10, "the command channel subscription")
     worker.pubsub.unsubscribe()
